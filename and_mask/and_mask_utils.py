@@ -1,0 +1,112 @@
+"""AND-mask and the geometric mean of per-environment gradients (Parascandolo et al., ICLR 2021).
+
+Notation, per parameter tensor: E environments, g_e the gradient of environment e's mean loss,
+ḡ = mean_e g_e, sign(0) = 0, and the agreement a = |mean_e sign(g_e)| ∈ [0, 1] per coordinate.
+The mask keeps the coordinates where the environments agree: m = 1[a ≥ τ].
+
+- τ = 0 keeps every coordinate: AND-mask is then plain averaging (the baseline).
+- τ = 1 keeps a coordinate only if every environment has the same non-zero sign; an
+  environment whose gradient is exactly 0 there counts as sign 0 and breaks unanimity.
+- With `scale_grad_inverse_sparsity` the update of each tensor is multiplied by
+  1 / (1e-10 + mean(m)), compensating for the fraction of coordinates masked out.
+"""
+from __future__ import annotations
+
+import torch
+
+from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, MethodFlags
+from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
+
+AGREEMENT_THRESHOLD = HParam(
+    "agreement_threshold", float, 1.0, "τ in [0, 1]: keep coordinates whose sign agreement |mean_e sign(g_e)| >= τ",
+    low=0.0, high=1.0)
+SCALE_GRAD_INVERSE_SPARSITY = HParam(
+    "scale_grad_inverse_sparsity", int, 1, "1: rescale each tensor's update by 1/(fraction of coordinates kept)",
+    choices=(0, 1))
+
+
+def agreement_mask(grads: torch.Tensor, agreement_threshold: float) -> torch.Tensor:
+    """Float mask m = 1[|mean_e sign(g_e)| >= τ] for grads of shape (E, *shape)."""
+    return (torch.mean(torch.sign(grads), dim=0).abs() >= agreement_threshold).to(grads.dtype)
+
+
+def _rescale(update, mask, scale_grad_inverse_sparsity):
+    if scale_grad_inverse_sparsity:
+        update = update * (1.0 / (1e-10 + mask.sum() / mask.numel()))
+    return update
+
+
+def and_mask(grads: torch.Tensor, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
+    """AND-mask: m ⊙ mean_e g_e, m = 1[|mean_e sign(g_e)| >= τ] (Parascandolo et al., ICLR 2021)."""
+    mask = agreement_mask(grads, agreement_threshold)
+    update = _rescale(mask * grads.mean(dim=0), mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
+def geom_mean(grads: torch.Tensor, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
+    """Geometric mean: m ⊙ sign(ḡ) ⊙ exp(mean_e log(|g_e| + 1e-10)) (Parascandolo et al., ICLR 2021)."""
+    mask = agreement_mask(grads, agreement_threshold)
+    magnitude = torch.exp(torch.log(grads.abs() + 1e-10).mean(dim=0))
+    update = _rescale(mask * torch.sign(grads.mean(dim=0)) * magnitude, mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
+def _and_mask_is_mean(agreement_threshold, scale_grad_inverse_sparsity):
+    # τ = 0 keeps every coordinate, so the update is ḡ (times 1/(1 + 1e-10) when rescaling,
+    # which is 1 in float32).
+    return agreement_threshold == 0
+
+
+HPARAMS = (AGREEMENT_THRESHOLD, SCALE_GRAD_INVERSE_SPARSITY)
+AND_MASK = Combiner("and_mask", and_mask, hparams=HPARAMS, reduces_to_mean=_and_mask_is_mean)
+GEOM_MEAN = Combiner("geom_mean", geom_mean, hparams=HPARAMS)
+COMBINERS = CombinerRegistry({c.name: c for c in (AND_MASK, GEOM_MEAN)})
+METHOD_FLAGS = MethodFlags(COMBINERS, required=True)
+
+
+def _write_grads(params, grads, method, agreement_threshold, scale_grad_inverse_sparsity):
+    combine = COMBINERS[method].fn
+    masks = []
+    for param, env_grads in zip(params, grads):
+        update, diagnostics = combine(env_grads, agreement_threshold, scale_grad_inverse_sparsity)
+        param.grad = update
+        masks.append(diagnostics["mask"])
+    return masks
+
+
+def get_grads(agreement_threshold, batch_size, loss_fn, n_agreement_envs, params, output, target, method,
+              scale_grad_inverse_sparsity, engine="shared"):
+    """Combine per-environment gradients with the AND-mask or the geometric mean (original API).
+
+    `output`/`target` hold n_agreement_envs × batch_size examples stacked env after env, produced
+    by one forward pass. Writes the combined gradient into each `param.grad` and returns
+    (mean_loss, masks): the mean over environments of their mean losses, and the float mask of
+    every parameter tensor. `engine` is "shared" (vectorised backward passes) or "loop" (one
+    backward per environment, the original); both give the same gradients.
+    """
+    if method not in COMBINERS:
+        raise ValueError(f"method must be one of {sorted(COMBINERS)}, got {method!r}")
+    if output.shape[0] != n_agreement_envs * batch_size:
+        raise ValueError(f"output has {output.shape[0]} rows, expected n_agreement_envs * batch_size = "
+                         f"{n_agreement_envs * batch_size}")
+    params = list(params)
+    env_losses = env_losses_from_output(output, target, loss_fn, n_agreement_envs)
+    grads = grads_from_output(env_losses, params, engine=engine)
+    masks = _write_grads(params, grads, method, agreement_threshold, scale_grad_inverse_sparsity)
+    return env_losses.detach().mean(), masks
+
+
+def get_grads_from_model(model, inputs, target, loss_fn, n_agreement_envs, agreement_threshold, method,
+                         scale_grad_inverse_sparsity, engine="auto", chunk_size=None):
+    """Same result as `get_grads`, starting from the model so that a faster engine can be used.
+
+    `inputs`/`target` hold n_agreement_envs environments of equal size stacked env after env.
+    `engine`: "auto", "vmap", "shared" or "loop" (see `and_mask.core.per_env_grads`).
+    Writes `param.grad` of the model's trainable parameters; returns (mean_loss, masks).
+    """
+    if method not in COMBINERS:
+        raise ValueError(f"method must be one of {sorted(COMBINERS)}, got {method!r}")
+    result = per_env_grads(model, inputs, target, loss_fn, n_agreement_envs, engine=engine, chunk_size=chunk_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    masks = _write_grads(params, result.grads, method, agreement_threshold, scale_grad_inverse_sparsity)
+    return result.env_losses.mean(), masks

@@ -1,0 +1,1 @@
+"""Shared machinery: per-environment gradients, combiners, optimiser, training loop, flags."""

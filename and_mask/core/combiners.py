@@ -1,0 +1,161 @@
+"""Gradient combiners: the rule that turns per-environment gradients into one update.
+
+A combiner is pure math. It receives the per-environment gradients of one parameter tensor
+stacked as a tensor of shape (E, *shape) (scope "tensor"), or the flattened gradients of the
+whole model stacked as (E, P) (scope "model"), plus its hyper-parameters, and returns the
+combined gradient (shape `*shape`, resp. (P,)) and a small dict of diagnostics. A diagnostic
+named "mask" (a float tensor of the gradient's shape) is reported as the mask density of that
+tensor. Writing `param.grad` happens in one place, `apply_combiner`'s caller.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+SCOPES = ("tensor", "model")
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyper-parameter of a combiner, turned into a command-line flag `--name`."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    low: float | None = None  # inclusive bounds, checked before training starts
+    high: float | None = None
+    choices: tuple | None = None
+
+    def check(self, value) -> str | None:
+        """Return an error message if `value` is not allowed, else None."""
+        if self.choices is not None and value not in self.choices:
+            return f"--{self.name} must be one of {list(self.choices)}, got {value}"
+        if self.low is not None and value < self.low:
+            return f"--{self.name} must be >= {self.low}, got {value}"
+        if self.high is not None and value > self.high:
+            return f"--{self.name} must be <= {self.high}, got {value}"
+        return None
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A named combination rule. `fn(grads, **hparams) -> (combined, diagnostics)`."""
+
+    name: str
+    fn: Callable
+    scope: str = "tensor"
+    hparams: tuple[HParam, ...] = ()
+    # Given the hyper-parameters, True when the rule is exactly the mean of the per-environment
+    # gradients; the training loop then uses one ordinary backward pass of the mean loss.
+    reduces_to_mean: Callable[..., bool] = field(default=lambda **hparams: False)
+
+    @property
+    def summary(self) -> str:
+        doc = (self.fn.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.hparams}
+
+
+class CombinerRegistry(dict):
+    """name -> Combiner. Unknown names fail with the list of valid names."""
+
+    def __missing__(self, name):
+        raise KeyError(f"unknown combiner '{name}'; valid names: {', '.join(sorted(self))}")
+
+    def add(self, combiner: Combiner) -> Combiner:
+        if combiner.scope not in SCOPES:
+            raise ValueError(f"combiner scope must be one of {SCOPES}, got {combiner.scope!r}")
+        if combiner.name in self:
+            raise ValueError(f"a combiner named '{combiner.name}' is already registered")
+        self[combiner.name] = combiner
+        return combiner
+
+    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None):
+        """Decorator: `@COMBINERS.register("my_rule", hparams=[HParam(...)])` on `fn(grads, **hp)`."""
+
+        def decorate(fn):
+            extra = {} if reduces_to_mean is None else {"reduces_to_mean": reduces_to_mean}
+            self.add(Combiner(name=name, fn=fn, scope=scope, hparams=tuple(hparams), **extra))
+            return fn
+
+        return decorate
+
+
+def apply_combiner(combiner: Combiner, per_env_grads: list[torch.Tensor], hparams: dict):
+    """Combine a list of per-environment gradients, one (E, *shape) tensor per parameter.
+
+    Returns (list of combined gradients, list of per-tensor diagnostics dicts). A model-scope
+    combiner sees the concatenation of all flattened tensors and its diagnostics are repeated
+    for every tensor, with the mask (if any) split back per tensor.
+    """
+    if combiner.scope == "tensor":
+        results = [combiner.fn(g, **hparams) for g in per_env_grads]
+        return [r[0] for r in results], [r[1] for r in results]
+    n_envs = per_env_grads[0].shape[0]
+    flat = torch.cat([g.reshape(n_envs, -1) for g in per_env_grads], dim=1)
+    combined, diagnostics = combiner.fn(flat, **hparams)
+    sizes = [g[0].numel() for g in per_env_grads]
+    pieces = torch.split(combined, sizes)
+    grads = [p.view(g.shape[1:]) for p, g in zip(pieces, per_env_grads)]
+    mask = diagnostics.get("mask")
+    masks = torch.split(mask, sizes) if mask is not None else [None] * len(sizes)
+    per_tensor = []
+    for m, g in zip(masks, per_env_grads):
+        d = {k: v for k, v in diagnostics.items() if k != "mask"}
+        if m is not None:
+            d["mask"] = m.view(g.shape[1:])
+        per_tensor.append(d)
+    return grads, per_tensor
+
+
+class MethodFlags:
+    """Command-line flags that choose a combiner and set its hyper-parameters.
+
+    With `required=True` (the and_mask package, as in the original code) every hyper-parameter
+    flag must be given. Otherwise (gen_mask) a flag left out takes the chosen combiner's default.
+    A flag shared by several combiners (e.g. --agreement_threshold) is declared once.
+    """
+
+    def __init__(self, registry: CombinerRegistry, required: bool = False, default_method: str | None = None):
+        self.registry = registry
+        self.required = required
+        self.default_method = default_method
+
+    def add_flags(self, parser: argparse.ArgumentParser):
+        names = sorted(self.registry)
+        method_help = "; ".join(f"{n}: {self.registry[n].summary}" for n in names)
+        group = parser.add_argument_group("gradient combination")
+        group.add_argument("--method", choices=names, required=self.default_method is None,
+                           default=self.default_method, help=method_help)
+        declared = {}
+        for name in names:
+            for hp in self.registry[name].hparams:
+                declared.setdefault(hp.name, (hp, []))[1].append(name)
+        for flag, (hp, users) in declared.items():
+            default_note = "" if self.required else " (default: the combiner's own, " + ", ".join(
+                f"{u}: {self.registry[u].defaults()[flag]}" for u in users) + ")"
+            group.add_argument(f"--{flag}", type=hp.type, required=self.required, default=None,
+                               help=f"{hp.help} [used by {', '.join(users)}]{default_note}")
+        self._declared = declared
+
+    def resolve(self, args, parser) -> tuple[Combiner, dict]:
+        combiner = self.registry[args.method]
+        hparams = {}
+        for hp in combiner.hparams:
+            value = getattr(args, hp.name)
+            value = hp.default if value is None else value
+            problem = hp.check(value)
+            if problem:
+                parser.error(problem)
+            hparams[hp.name] = value
+        for flag, (hp, users) in self._declared.items():
+            if getattr(args, flag) is not None and combiner.name not in users and not self.required:
+                parser.error(f"--{flag} is not a hyper-parameter of --method {combiner.name} "
+                             f"(it belongs to {', '.join(users)})")
+        return combiner, hparams

@@ -1,0 +1,1 @@
+"""Data set builders shared by and_mask and gen_mask."""

@@ -1,0 +1,53 @@
+"""Spirals with signatures: the synthetic task of Parascandolo et al. (2021), draw for draw.
+
+Each example is a point on one of two interleaved spirals (the label, learnable and shared by
+all environments) concatenated with an n_dims "signature" that is a perfect shortcut inside a
+training environment (signature = S[env] * (2y - 1)) but differs across environments. The test
+set's signatures are pure noise, so only a model that learned the spiral beats 50 %.
+"""
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+TEST_SEED = 2 ** 32 - 1
+
+
+def get_spirals_dataset(n_examples, n_rotations, env, n_envs, n_dims_signatures, seed=None):
+    """Return (inputs float32 (n, 2 + n_dims), labels float32 (n,)) for env 0..n_envs-1 or "test".
+
+    numpy RandomState(seed) draws, in this order: the signature matrix S (n_envs, n_dims);
+    radii r ~ U(0.08, 1); labels y ~ randint(0, 2); radius noise U(-0.02, 0.02); and, for the
+    test env only, random signatures. Angles are 2·n_rotations·π·r + π·y. The two spiral
+    coordinates are divided by their per-column standard deviation.
+    """
+    if not (env == "test" or 0 <= int(env) < n_envs):
+        raise ValueError(f"env must be 'test' or an int in [0, {n_envs}), got {env!r}")
+    rng = np.random.RandomState(seed)
+    signatures_matrix = rng.randn(n_envs, n_dims_signatures)
+    radii = rng.uniform(0.08, 1, n_examples)
+    angles = 2 * n_rotations * np.pi * radii
+    labels = rng.randint(0, 2, n_examples)
+    angles = angles + np.pi * labels
+    radii += rng.uniform(-0.02, 0.02, n_examples)
+    spiral = np.stack((np.cos(angles) * radii, np.sin(angles) * radii), axis=1)
+    if env == "test":
+        signatures = rng.randn(n_examples, n_dims_signatures)
+    else:
+        signatures = signatures_matrix[int(env)] * (labels * 2 - 1).reshape(-1, 1)
+    spiral /= spiral.std(axis=0)
+    inputs = np.hstack((spiral, signatures))
+    return inputs.astype(np.float32), labels.astype(np.float32)
+
+
+def make_loader(n_examples, env, n_envs, n_revolutions, n_dims, batch_size, seed, train=True):
+    inputs, labels = get_spirals_dataset(n_examples, n_revolutions, env, n_envs, n_dims, seed=seed)
+    dataset = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(labels))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train)
+
+
+def make_loaders(examples_per_env, n_test, n_envs, n_revolutions, n_dims, batch_size, seed):
+    """Training loaders (env e uses seed + e; shuffled, drop_last) and the test loader."""
+    train = [make_loader(examples_per_env, env, n_envs, n_revolutions, n_dims, batch_size, seed + env)
+             for env in range(n_envs)]
+    test = make_loader(n_test, "test", n_envs, n_revolutions, n_dims, 1000, TEST_SEED, train=False)
+    return train, test

@@ -1,0 +1,1 @@
+"""Experiment definitions: flags, checks and the TrainSetup each `run_*` module trains."""

@@ -1,0 +1,1 @@
+"""GEN-mask: a registry of rules for combining per-environment gradients."""

@@ -104,6 +104,8 @@ def build_parser(experiment, method_flags, package: str) -> argparse.ArgumentPar
     experiment.add_flags(parser, package)
     method_flags.add_flags(parser)
     add_run_flags(parser)
+    # An experiment may change the default of a run flag (e.g. Colored MNIST: --use_cuda 0).
+    parser.set_defaults(**getattr(experiment, "RUN_FLAG_DEFAULTS", {}))
     return parser
 
 
@@ -122,7 +124,8 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
         runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
         setup = experiment.build(args, device)
         trainer = Trainer(setup, combiner, hparams, runlog, device, engine=args.grad_engine,
-                          chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0), quiet=args.quiet)
+                          chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
+                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
         final = trainer.run(resume=args.resume)
     except RunError as error:
         sys.exit(f"error: {error}")

@@ -3,8 +3,8 @@
 Per epoch: evaluate every evaluation set first (the original's "probe"), then train. Each
 training step forwards a batch of E environments stacked env after env, computes the
 per-environment gradients, combines them with the chosen combiner, writes `param.grad`, adds
-l1_coef·sign(θ) if asked, and steps the optimiser. After the last epoch the evaluation sets are
-measured once more (phase "final"). Every record goes to metrics.jsonl at once.
+l1_coef·sign(θ) and l2_coef·θ if asked, and steps the optimiser. After the last epoch the
+evaluation sets are measured once more (phase "final"). Every record goes to metrics.jsonl at once.
 """
 from __future__ import annotations
 
@@ -74,11 +74,13 @@ def evaluate(model, loaders: dict, loss_fn, device) -> dict:
 
 class Trainer:
     def __init__(self, setup: TrainSetup, combiner: Combiner, hparams: dict, runlog: RunLog, device,
-                 engine: str = "auto", chunk_size: int | None = None, l1_coef: float = 0.0, quiet: bool = False):
+                 engine: str = "auto", chunk_size: int | None = None, l1_coef: float = 0.0, quiet: bool = False,
+                 l2_coef: float = 0.0):
         self.setup, self.combiner, self.hparams, self.runlog = setup, combiner, hparams, runlog
         self.device, self.engine, self.chunk_size, self.l1_coef, self.quiet = device, engine, chunk_size, l1_coef, quiet
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.plain = combiner.reduces_to_mean(**hparams)
+        self.l2_coef = l2_coef
 
     def _step(self, inputs, target, n_envs):
         model, params = self.setup.model, [p for _, p in self.named_params]
@@ -99,6 +101,9 @@ class Trainer:
         if self.l1_coef > 0:
             for p in params:
                 p.grad.add_(torch.sign(p.detach()), alpha=self.l1_coef)
+        if self.l2_coef > 0:  # the gradient of ½·l2_coef·‖θ‖², added after combining (never masked)
+            for p in params:
+                p.grad.add_(p.detach(), alpha=self.l2_coef)
         return output, loss, masks
 
     def train_epoch(self, epoch: int) -> dict:

@@ -8,19 +8,26 @@
 Per-tensor rules (scope "tensor", the default) receive one parameter tensor's gradients stacked
 as (E, *shape); whole-model rules (scope="model") receive the flattened gradients of all
 parameters as (E, P). Each returns (combined gradient, diagnostics dict); a "mask" diagnostic
-is logged as mask density. Every hyper-parameter becomes a --flag of the gen_mask run modules,
-and the test suite checks every registered rule.
+(float, the gradient's shape) is logged as mask density. Every hyper-parameter becomes a --flag
+of the gen_mask run modules, and the test suite checks every registered rule. Declare
+`keeps_consensus=False` when identical environments do not give back their common gradient.
+Rules are vectorised torch (CPU or CUDA); the exact small solvers live in `gen_mask.solvers`.
 """
 from __future__ import annotations
+
+import warnings
+
+import torch
 
 from and_mask import and_mask_utils
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, apply_combiner
 from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
+from gen_mask import solvers
 
-__all__ = ["COMBINERS", "HParam", "get_grads", "get_grads_from_model"]
+__all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "get_grads", "get_grads_from_model"]
 
 COMBINERS = CombinerRegistry()
-COMBINERS.add(and_mask_utils.AND_MASK)
+COMBINERS.add(and_mask_utils.AND_MASK)  # AND-mask and geometric mean: one implementation, in and_mask
 COMBINERS.add(and_mask_utils.GEOM_MEAN)
 
 
@@ -30,14 +37,171 @@ def mean(grads):
     return grads.mean(dim=0), {}
 
 
-def _combine_into_params(params, grads, method, hyperparameters):
-    combiner = COMBINERS[method]
+def _flat(grads):
+    return grads.reshape(grads.shape[0], -1)
+
+
+@COMBINERS.register("align_weights", hparams=[
+    HParam("weight_bound", float, 2.0, "environment weights lie in [-bound, bound] (original: 2)", low=1.0)])
+def align_weights(grads, weight_bound=2.0):
+    """Original GEN-mask: Σ x_e g_e, x = argmax ⟨Σ x_e g_e, Σ g_e⟩, Σx = 1, |x_e| ≤ 2 (exact LP)."""
+    # Parascandolo et al. (ICLR 2021) code, gen_mask_utils. The objective is linear in x, with
+    # coefficients c_e = ⟨g_e, Σ g⟩, so the original's per-tensor SLSQP is replaced by the exact
+    # sort-based LP solution (`solvers.box_simplex_lp`).
+    flat = _flat(grads)
+    weights = solvers.box_simplex_lp(flat @ flat.sum(dim=0), total=1.0, bound=weight_bound)
+    return (weights @ flat).view(grads.shape[1:]), {"weights": weights}
+
+
+SAND_THRESHOLD = HParam("agreement_threshold", float, 0.5,
+                        "sand_mask: soft threshold on the same agreement; τ = 1 masks everything", low=0.0, high=1.0)
+SAND_K = HParam("sand_k", float, 10.0, "k, steepness of SAND-mask's tanh(k·(a − τ)/Var_e g)", low=0.0)
+
+
+@COMBINERS.register("sand_mask", hparams=[SAND_THRESHOLD, SAND_K, and_mask_utils.SCALE_GRAD_INVERSE_SPARSITY])
+def sand_mask(grads, agreement_threshold=0.5, sand_k=10.0, scale_grad_inverse_sparsity=1):
+    """SAND-mask: m ⊙ ḡ, m = max(0, tanh(k·(a − τ)/Var_e g)) (Shahtalebi et al., 2021)."""
+    # "SAND-mask: An Enhanced Gradient Masking Strategy for the Discovery of Invariances in Domain
+    # Generalization", arXiv:2106.02266; as in its DomainBed code: unbiased variance over
+    # environments, then the AND-mask's per-tensor rescaling 1/(1e-10 + mean(m)). Since a ≤ 1,
+    # τ = 1 gives m = 0 everywhere. A zero variance (one environment, identical environments) is
+    # floored at 1e-17, which makes the mask the hard 1[a > τ].
+    if agreement_threshold >= 1:
+        warnings.warn("sand_mask with agreement_threshold (τ) = 1 masks every coordinate: tanh(k·(a − τ)/Var) ≤ 0 "
+                      "because a ≤ 1, so every update is zero; use τ < 1", UserWarning, stacklevel=2)
+    n_envs = grads.shape[0]
+    avg = grads.mean(dim=0)
+    variance = ((grads - avg) ** 2).sum(dim=0) / max(n_envs - 1, 1)
+    agreement = torch.sign(grads).mean(dim=0).abs()
+    mask = torch.tanh(sand_k * (agreement - agreement_threshold) / variance.clamp_min(1e-17)).clamp_min(0.0)
+    update = and_mask_utils._rescale(mask * avg, mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
+@COMBINERS.register("majority_vote", keeps_consensus=False)
+def majority_vote(grads):
+    """signSGD with majority vote: sign(Σ_e sign(g_e)) per coordinate (Bernstein et al., ICLR 2019)."""
+    # "signSGD with Majority Vote is Communication Efficient and Fault Tolerant". The update has
+    # entries in {−1, 0, 1}; a tie (or unanimous zeros) gives 0. The mask marks non-zero votes.
+    vote = torch.sign(torch.sign(grads).sum(dim=0))
+    return vote, {"mask": vote.abs()}
+
+
+@COMBINERS.register("median")
+def median(grads):
+    """Coordinate-wise median over environments (Yin et al., ICML 2018); mean of the two middle values for even E."""
+    # "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates".
+    ordered = torch.sort(grads, dim=0).values
+    n_envs = grads.shape[0]
+    return (ordered[(n_envs - 1) // 2] + ordered[n_envs // 2]) / 2, {}
+
+
+@COMBINERS.register("trimmed_mean", hparams=[
+    HParam("trim_fraction", float, 0.2, "β: drop the floor(β·E) largest and smallest values per coordinate",
+           low=0.0, high=0.49)])
+def trimmed_mean(grads, trim_fraction=0.2):
+    """Coordinate-wise β-trimmed mean over environments (Yin et al., ICML 2018)."""
+    n_envs = grads.shape[0]
+    k = int(trim_fraction * n_envs)
+    return torch.sort(grads, dim=0).values[k:n_envs - k].mean(dim=0), {}
+
+
+@COMBINERS.register("pcgrad", scope="model")
+def pcgrad(grads):
+    """PCGrad gradient surgery: project away conflicts, then average (Yu et al., NeurIPS 2020)."""
+    # "Gradient Surgery for Multi-Task Learning". For every environment i, visit the others in a
+    # random order; whenever g_i' · g_j < 0, g_i' ← g_i' − (g_i' · g_j)/‖g_j‖² g_j (projection
+    # onto the normal plane of the original g_j). Returns mean_i g_i' (the paper sums; the mean
+    # keeps the scale of the other rules). Every g_i' is a combination Σ_j A_ij g_j of the original
+    # gradients, so the surgery runs on the E×E coefficients A with the Gram matrix Q = G Gᵀ
+    # (g_i' · g_j = (AQ)_ij), all environments at once; only the last step touches P numbers.
+    n_envs = grads.shape[0]
+    gram = grads @ grads.T
+    sq_norms = gram.diagonal().clamp_min(1e-30)
+    scores = torch.rand(n_envs, n_envs, device=grads.device)
+    scores.fill_diagonal_(float("inf"))  # never project onto oneself
+    order = torch.argsort(scores, dim=1)[:, :n_envs - 1]
+    coefficients = torch.eye(n_envs, dtype=grads.dtype, device=grads.device)
+    rows = torch.arange(n_envs, device=grads.device)
+    conflicts = torch.zeros((), device=grads.device)
+    for step in range(n_envs - 1):
+        others = order[:, step]
+        dots = (coefficients @ gram)[rows, others]  # g_i' · g_j for j = others[i]
+        conflicting = dots < 0
+        conflicts = conflicts + conflicting.sum()
+        coefficients[rows, others] -= torch.where(conflicting, dots / sq_norms[others], torch.zeros_like(dots))
+    return coefficients.mean(dim=0) @ grads, {"conflicts": conflicts}
+
+
+@COMBINERS.register("mgda", scope="model")
+def mgda(grads):
+    """MGDA: the minimum-norm point of the convex hull of the g_e (Désidéri 2012; Sener & Koltun, NeurIPS 2018)."""
+    # "Multi-Task Learning as Multi-Objective Optimization". Solved exactly on the E×E Gram matrix
+    # (`solvers.min_norm_weights`); no gradient normalisation.
+    weights = solvers.min_norm_weights(grads @ grads.T)
+    return weights @ grads, {"weights": weights}
+
+
+@COMBINERS.register("cagrad", scope="model", keeps_consensus=False, hparams=[
+    HParam("cagrad_c", float, 0.5, "c ≥ 0: radius c·‖ḡ‖ of the ball around ḡ searched for the worst-case improvement",
+           low=0.0),
+    HParam("cagrad_rescale", int, 1, "divide the update by 0: 1, 1: 1 + c² (authors' default), 2: 1 + c",
+           choices=(0, 1, 2))])
+def cagrad(grads, cagrad_c=0.5, cagrad_rescale=1):
+    """CAGrad: ḡ + c‖ḡ‖ g_w/‖g_w‖, w from CAGrad's dual (Liu et al., NeurIPS 2021)."""
+    # "Conflict-Averse Gradient Descent for Multi-task Learning", following the authors' code:
+    # w = argmin_{w ∈ simplex} g_w·ḡ + c‖ḡ‖‖g_w‖ (`solvers.cagrad_weights`), then the update is
+    # divided by 1 + c² (rescale 1). Identical environments give (1 + c)/(1 + c²)·g, so g itself
+    # only with rescale 2.
+    weights = solvers.cagrad_weights(grads @ grads.T, cagrad_c)
+    avg = grads.mean(dim=0)
+    g_w = weights @ grads
+    radius = cagrad_c * avg.norm()
+    update = avg + radius / (g_w.norm() + 1e-8) * g_w
+    divisor = (1.0, 1.0 + cagrad_c ** 2, 1.0 + cagrad_c)[cagrad_rescale]
+    return update / divisor, {"weights": weights}
+
+
+@COMBINERS.register("gaf", scope="model", hparams=[
+    HParam("cos_distance_threshold", float, 1.0, "τ in [0, 2]: fuse an environment when 1 − cos(running, g_e) ≤ τ",
+           low=0.0, high=2.0)])
+def gaf(grads, cos_distance_threshold=1.0):
+    """Gradient agreement filtering: fuse g_e when its cosine distance is ≤ τ (Chaubard et al., 2024)."""
+    # "Beyond Gradient Averaging in Parallel Optimization: Improved Robustness through Gradient
+    # Agreement Filtering", arXiv:2412.18052, as in the authors' step_GAF: start from g_1; for
+    # e = 2..E, if 1 − cos(g, g_e) ≤ τ then g ← (g + g_e)/2. If no environment agreed the step is
+    # skipped, here by returning a zero gradient (an optimiser with momentum or weight decay still
+    # moves). With one environment its gradient is returned. Environments are taken in batch
+    # order, which the training loop draws at random.
+    fused = grads[0]
+    agreed = torch.zeros((), device=grads.device)
+    for env_grad in grads[1:]:
+        cos = torch.nn.functional.cosine_similarity(fused, env_grad, dim=0, eps=1e-30)
+        accept = (1 - cos) <= cos_distance_threshold
+        fused = torch.where(accept, (fused + env_grad) / 2, fused)
+        agreed = agreed + accept
+    if grads.shape[0] > 1:
+        fused = fused * (agreed > 0)
+    return fused, {"agreed": agreed}
+
+
+def _resolve_hparams(combiner, hyperparameters):
+    known = {h.name for h in combiner.hparams}
+    unknown = set(hyperparameters) - known
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))} not hyper-parameter(s) of '{combiner.name}'; "
+                         f"its hyper-parameters: {', '.join(sorted(known)) or 'none'}")
     hparams = {**combiner.defaults(), **hyperparameters}
     for hp in combiner.hparams:
         problem = hp.check(hparams[hp.name])
         if problem:
             raise ValueError(problem)
-    combined, diagnostics = apply_combiner(combiner, grads, hparams)
+    return hparams
+
+
+def _combine_into_params(params, grads, method, hyperparameters):
+    combiner = COMBINERS[method]
+    combined, diagnostics = apply_combiner(combiner, grads, _resolve_hparams(combiner, hyperparameters))
     for param, grad in zip(params, combined):
         param.grad = grad
     return diagnostics
@@ -48,20 +212,25 @@ def get_grads(batch_size, n_envs, loss_fn, params, output, target, method="mean"
 
     `output`/`target` hold n_envs × batch_size examples stacked env after env, from one forward
     pass. Returns (mean_loss, diagnostics): the mean of the environments' mean losses and one
-    diagnostics dict per parameter tensor.
+    diagnostics dict per parameter tensor. Hyper-parameters left out take the combiner's
+    defaults; an unknown method or hyper-parameter fails with the valid names.
     """
+    if output.shape[0] != n_envs * batch_size:
+        raise ValueError(f"output has {output.shape[0]} rows, expected n_envs * batch_size = {n_envs * batch_size}")
+    combiner = COMBINERS[method]  # fails early, listing the valid names
     params = list(params)
     env_losses = env_losses_from_output(output, target, loss_fn, n_envs)
     grads = grads_from_output(env_losses, params, engine=engine)
-    return env_losses.detach().mean(), _combine_into_params(params, grads, method, hyperparameters)
+    return env_losses.detach().mean(), _combine_into_params(params, grads, combiner.name, hyperparameters)
 
 
 def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", engine="auto", chunk_size=None,
                          **hyperparameters):
     """Same as `get_grads` but starting from the model, so the fast engines can be used."""
+    combiner = COMBINERS[method]
     result = per_env_grads(model, inputs, target, loss_fn, n_envs, engine=engine, chunk_size=chunk_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    return result.env_losses.mean(), _combine_into_params(params, result.grads, method, hyperparameters)
+    return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters)
 
 
 METHOD_FLAGS = MethodFlags(COMBINERS, required=False)

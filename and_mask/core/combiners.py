@@ -52,6 +52,9 @@ class Combiner:
     # Given the hyper-parameters, True when the rule is exactly the mean of the per-environment
     # gradients; the training loop then uses one ordinary backward pass of the mean loss.
     reduces_to_mean: Callable[..., bool] = field(default=lambda **hparams: False)
+    # True when E identical per-environment gradients g (without zero coordinates), or a single
+    # environment, give back g itself; the test suite checks it for every such combiner.
+    keeps_consensus: bool = True
 
     @property
     def summary(self) -> str:
@@ -76,12 +79,13 @@ class CombinerRegistry(dict):
         self[combiner.name] = combiner
         return combiner
 
-    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None):
+    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None, keeps_consensus=True):
         """Decorator: `@COMBINERS.register("my_rule", hparams=[HParam(...)])` on `fn(grads, **hp)`."""
 
         def decorate(fn):
             extra = {} if reduces_to_mean is None else {"reduces_to_mean": reduces_to_mean}
-            self.add(Combiner(name=name, fn=fn, scope=scope, hparams=tuple(hparams), **extra))
+            self.add(Combiner(name=name, fn=fn, scope=scope, hparams=tuple(hparams), keeps_consensus=keeps_consensus,
+                              **extra))
             return fn
 
         return decorate
@@ -129,7 +133,7 @@ class MethodFlags:
 
     def add_flags(self, parser: argparse.ArgumentParser):
         names = sorted(self.registry)
-        method_help = "; ".join(f"{n}: {self.registry[n].summary}" for n in names)
+        method_help = "; ".join(f"{n}: {self.registry[n].summary.rstrip('.')}" for n in names)
         group = parser.add_argument_group("gradient combination")
         group.add_argument("--method", choices=names, required=self.default_method is None,
                            default=self.default_method, help=method_help)
@@ -140,8 +144,9 @@ class MethodFlags:
         for flag, (hp, users) in declared.items():
             default_note = "" if self.required else " (default: the combiner's own, " + ", ".join(
                 f"{u}: {self.registry[u].defaults()[flag]}" for u in users) + ")"
+            helps = dict.fromkeys(h.help for u in users for h in self.registry[u].hparams if h.name == flag)
             group.add_argument(f"--{flag}", type=hp.type, required=self.required, default=None,
-                               help=f"{hp.help} [used by {', '.join(users)}]{default_note}")
+                               help=f"{'; '.join(helps)} [used by {', '.join(users)}]{default_note}")
         self._declared = declared
 
     def resolve(self, args, parser) -> tuple[Combiner, dict]:

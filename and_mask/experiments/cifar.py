@@ -1,0 +1,81 @@
+"""CIFAR-10 with random labels: does a gradient combiner slow down the memorisation of noise?
+
+A fraction of the training labels is replaced by random ones (seeded); the run tracks accuracy on
+those relabelled examples, on the whole training set and on the test set. With τ > 0 every
+example of a batch is its own environment: the per-example gradients go through the BatchNorm
+statistics of the whole batch (engine "shared", exact), so the agreement mask keeps only the
+directions on which the examples agree. With τ = 0 (or the `mean` combiner) the step is one
+ordinary backward pass of the batch's mean loss.
+"""
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import MultiStepLR
+
+from and_mask.core.cli import fraction, non_negative_float, positive_float, positive_int
+from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
+from and_mask.core.training import TrainSetup
+from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data
+from and_mask.models import FastResnet
+
+NAME = "cifar"
+
+
+def add_flags(parser, package):
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="cifar10",
+                      help="cifar10 (default) or fashion_mnist (resized to 32x32, repeated to 3 channels)")
+    data.add_argument("--data_path", default=None,
+                      help="torchvision root holding cifar-10-batches-py/ (or FashionMNIST/raw/); default: data/")
+    data.add_argument("--download", type=int, choices=[0, 1], default=1,
+                      help="1: download the data set when its files are missing (default)")
+    data.add_argument("--random_labels_fraction", type=fraction, required=True,
+                      help="fraction of training images given a uniformly random label (seeded by --seed)")
+    data.add_argument("--train_subset", type=positive_int, default=None,
+                      help="use only the first N training images (before relabelling); default: all")
+    data.add_argument("--test_subset", type=positive_int, default=None,
+                      help="evaluate on the first N test images only; default: all")
+    data.add_argument("--num_workers", type=int, default=10, help="DataLoader worker processes (0: main process)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--batch_size", type=positive_int, default=80,
+                       help="examples per step; with τ > 0 each is its own environment")
+    train.add_argument("--epochs", type=positive_int, default=80)
+    train.add_argument("--init_lr", type=positive_float, required=True,
+                       help="learning rate (x0.1 after 3/4 of all iterations)")
+    train.add_argument("--weight_decay", type=non_negative_float, required=True)
+    train.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
+                       help="before: L2 added to the gradient before Adam's moments; after: decoupled decay")
+
+
+def check(args, parser):
+    if args.output_dir is None:
+        parser.error("the following arguments are required: --output_dir")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.train_subset is not None and args.batch_size > args.train_subset:
+        parser.error(f"--batch_size ({args.batch_size}) exceeds --train_subset ({args.train_subset})")
+
+
+def build(args, device) -> TrainSetup:
+    if device.type == "cuda":
+        # Reproducible convolutions: the same algorithms every run, at some cost in speed.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    data = make_random_label_data(args.dataset, args.data_path, args.random_labels_fraction, args.seed,
+                                  args.train_subset, args.test_subset, download=bool(args.download))
+    train_loader, eval_loaders = make_loaders(data, args.batch_size, args.num_workers)
+    steps_per_epoch = len(train_loader)
+    model = FastResnet().to(device)
+    optimizer = AdamFlexibleWeightDecay(model.parameters(), lr=args.init_lr, weight_decay=args.weight_decay,
+                                        weight_decay_order=args.weight_decay_order)
+    # Stepped once per iteration: the learning rate drops after 3/4 of all training steps.
+    scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps_per_epoch // 4], gamma=0.1)
+
+    def train_batches(epoch):
+        # Every example is its own environment (E = batch size, one example each). For an
+        # averaging combiner the loop takes the mean of these losses, the batch's mean loss.
+        for inputs, target in train_loader:
+            yield inputs, target, inputs.shape[0]
+
+    return TrainSetup(model=model, optimizer=optimizer, loss_fn=F.cross_entropy, train_batches=train_batches,
+                      eval_loaders=eval_loaders, epochs=args.epochs, scheduler=scheduler, scheduler_interval="step",
+                      steps_per_epoch=steps_per_epoch)

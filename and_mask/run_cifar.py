@@ -1,0 +1,7 @@
+"""python -m and_mask.run_cifar: CIFAR-10 random-label memorisation, AND-mask or geometric mean."""
+from and_mask.and_mask_utils import METHOD_FLAGS
+from and_mask.core.cli import main
+from and_mask.experiments import cifar
+
+if __name__ == "__main__":
+    main(cifar, METHOD_FLAGS, "and_mask")

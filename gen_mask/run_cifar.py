@@ -1,0 +1,7 @@
+"""python -m gen_mask.run_cifar: CIFAR-10 random-label memorisation, any combiner of the registry."""
+from and_mask.core.cli import main
+from and_mask.experiments import cifar
+from gen_mask.gen_mask_utils import METHOD_FLAGS
+
+if __name__ == "__main__":
+    main(cifar, METHOD_FLAGS, "gen_mask")

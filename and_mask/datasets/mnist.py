@@ -29,7 +29,7 @@ def raw_folder(dataset, data_path):
     return Path(data_path) / DATASETS[dataset].__name__ / "raw"
 
 
-def _has_raw_files(folder):
+def has_raw_files(folder):
     return all((folder / name).is_file() for name in RAW_FILES)
 
 
@@ -58,14 +58,14 @@ def load_mnist(dataset, data_path=None, train=True, download=True):
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
     root = Path(DEFAULT_DATA_PATH if data_path is None else data_path)
     folder = raw_folder(dataset, root)
-    if not _has_raw_files(folder) and dataset == "fashion_mnist":
+    if not has_raw_files(folder) and dataset == "fashion_mnist":
         _extract_debian_fashion_mnist(folder)
-    if not _has_raw_files(folder) and download:
+    if not has_raw_files(folder) and download:
         try:
             DATASETS[dataset](root=str(root), train=train, download=True)
         except (RuntimeError, OSError):
             pass  # offline: fall through to the error that names the expected files
-    if not _has_raw_files(folder):
+    if not has_raw_files(folder):
         raise DataNotFoundError(
             f"{dataset} not found: expected {', '.join(RAW_FILES)} in {folder} "
             f"(download failed or disabled; copy the files there, uncompressed)")

@@ -1,0 +1,113 @@
+"""Colored MNIST: does a method learn the digit's shape or the colour that flips at test time?
+
+Two training environments where colour agrees with the (25 %-noisy) binary label 80 % and 90 %
+of the time, and a test environment where it agrees 10 % of the time (see
+`and_mask.datasets.colored_mnist`). Shape alone gives 75 %; a colour classifier gets ≈ 85 % on the
+training set and ≈ 10 % on test. Agreement environments (--agreement_envs):
+- ``example`` (the original): the batch of --batch_size examples is drawn from both training
+  environments pooled, and every example is its own environment (E = batch_size, B = 1);
+- ``color``: each step takes --batch_size examples from each colour environment (E = 2).
+Evaluation sets: ``train_eval`` (the whole training set with the labels it is trained on),
+``relabelled`` (the examples given random labels, when --random_labels_fraction > 0), ``test``.
+"""
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import MultiStepLR
+
+from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_int, probability
+from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
+from and_mask.core.training import TrainSetup
+from and_mask.datasets.colored_mnist import PROTOCOLS, ColoredImages, batch_loader, prepared, relabel
+from and_mask.datasets.common import env_group_batches
+from and_mask.datasets.mnist import DATASETS, DEFAULT_DATA_PATH
+from and_mask.models import MLP
+
+NAME = "colored_mnist"
+N_CLASSES = 2  # the task is binary: y = 1[digit >= 5] with label noise
+RUN_FLAG_DEFAULTS = {"use_cuda": "0"}  # the original's default
+
+
+def add_flags(parser, package):
+    group = parser.add_argument_group("colored mnist")
+    group.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="source of the grey images")
+    group.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
+                       help="original: 28×28×3, envs of 20 000/20 000/20 000 with colour flips 0.2/0.1/0.9; "
+                            "irm: 14×14×2, 25 000/25 000 training and 10 000 test images (flips 0.2/0.1/0.9)")
+    group.add_argument("--agreement_envs", choices=["example", "color"], default="example",
+                       help="example: every example of a batch is an environment (the original); color: the "
+                            "two training colour environments, --batch_size examples from each per step")
+    group.add_argument("--data_path", default=str(DEFAULT_DATA_PATH),
+                       help="torchvision root holding MNIST/raw or FashionMNIST/raw; prepared tensors are cached "
+                            "in DATA_PATH/cache")
+    group.add_argument("--num_workers", type=non_negative_int, default=1, help="data-loading worker processes")
+    group.add_argument("--init_lr", type=non_negative_float, required=True,
+                       help="Adam learning rate, x0.1 at 3/4 of all iterations")
+    group.add_argument("--weight_decay", type=non_negative_float, required=True)
+    group.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
+                       help="before: wd·θ added to the gradient before Adam; after: decoupled, after the step")
+    group.add_argument("--random_labels_fraction", type=fraction, required=True,
+                       help="fraction of training examples whose label is replaced by a uniform one in {0, 1}")
+    group.add_argument("--batch_size", type=positive_int, default=100,
+                       help="examples per step (example envs) or per colour environment per step (color envs)")
+    group.add_argument("--epochs", type=positive_int, default=15)
+    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0)
+    group.add_argument("--dropout_p", type=probability, default=0.0)
+    group.add_argument("--n_dims", type=positive_int, default=None,
+                       help="input size; must equal the protocol's (original 3·28·28 = 2352, irm 2·14·14 = 392)")
+    group.add_argument("--n_hidden_units", type=positive_int, default=28 * 28)
+    group.add_argument("--n_hidden_layers", type=non_negative_int, default=0, help="0: logistic regression")
+    group.add_argument("--n_outputs", type=positive_int, default=10,
+                       help="1: one logit, BCE; >= 2: softmax cross-entropy over n_outputs logits of which the "
+                            "classes 0 and 1 are the task's (the original's 10 works; 2 is the exact model)")
+    group.add_argument("--l1_coef", type=non_negative_float, default=0.0, help="adds l1_coef·sign(θ) to the gradient")
+    group.add_argument("--l2_coef", type=non_negative_float, default=0.0, help="adds l2_coef·θ to the gradient")
+
+
+def check(args, parser):
+    if args.output_dir is None:  # required, as in the original (the flag itself is shared by every experiment)
+        parser.error("the following arguments are required: --output_dir")
+    n_inputs = PROTOCOLS[args.protocol].n_inputs
+    if args.n_dims is not None and args.n_dims != n_inputs:
+        parser.error(f"--n_dims {args.n_dims} does not match --protocol {args.protocol} (inputs of size {n_inputs})")
+
+
+def loss_for(n_outputs):
+    """BCE with logits for one output (float labels), cross-entropy over the logits otherwise."""
+    return F.binary_cross_entropy_with_logits if n_outputs == 1 else F.cross_entropy
+
+
+def build(args, device) -> TrainSetup:
+    tensors = prepared(args.dataset, args.protocol, args.seed, args.data_path)
+    envs, labels = tensors["envs"], tensors["labels"]
+    train_idx = (envs < 2).nonzero().squeeze(1)
+    test_idx = (envs == 2).nonzero().squeeze(1)
+    train_labels, relabelled = relabel(labels[train_idx], args.random_labels_fraction, N_CLASSES, args.seed)
+    labels = labels.clone()
+    labels[train_idx] = train_labels
+    if args.n_outputs == 1:
+        labels = labels.float()
+    data = ColoredImages(tensors["images"], tensors["colors"], labels, args.protocol)
+
+    train_set = data.subset(train_idx)
+    env_sets = [data.subset((envs == e).nonzero().squeeze(1)) for e in (0, 1)]
+    eval_loaders = {"train_eval": batch_loader(train_set, 1000, train=False)}
+    if len(relabelled):
+        eval_loaders["relabelled"] = batch_loader(train_set.subset(relabelled), 1000, train=False)
+    eval_loaders["test"] = batch_loader(data.subset(test_idx), 1000, train=False)
+
+    env_loaders = [batch_loader(s, args.batch_size, True, args.num_workers) for s in env_sets]
+    if args.agreement_envs == "color":
+        steps = min(len(s) for s in env_sets) // args.batch_size
+        train_batches = lambda epoch: env_group_batches(env_loaders, 2)  # noqa: E731
+    else:
+        steps = len(train_set) // args.batch_size
+        pooled = batch_loader(train_set, args.batch_size, True, args.num_workers)
+        train_batches = lambda epoch: ((x, y, len(y)) for x, y in pooled)  # noqa: E731
+
+    model = MLP(PROTOCOLS[args.protocol].n_inputs, args.n_hidden_units, args.n_hidden_layers, args.n_outputs,
+                bool(args.batch_norm), args.dropout_p).to(device)
+    optimizer = AdamFlexibleWeightDecay(model.parameters(), lr=args.init_lr, weight_decay=args.weight_decay,
+                                        weight_decay_order=args.weight_decay_order)
+    scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps // 4], gamma=0.1)
+    return TrainSetup(model=model, optimizer=optimizer, loss_fn=loss_for(args.n_outputs), train_batches=train_batches,
+                      eval_loaders=eval_loaders, epochs=args.epochs, scheduler=scheduler, scheduler_interval="step",
+                      steps_per_epoch=steps, env_loaders=env_loaders)

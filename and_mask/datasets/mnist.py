@@ -33,8 +33,9 @@ def has_raw_files(folder):
     return all((folder / name).is_file() for name in RAW_FILES)
 
 
-def _extract_debian_fashion_mnist(folder, source=DEBIAN_FASHION_MNIST):
+def _extract_debian_fashion_mnist(folder):
     """Decompress the Debian package's gzip files into `folder`; True if all four were there."""
+    source = DEBIAN_FASHION_MNIST
     if not all((source / f"{name}.gz").is_file() for name in RAW_FILES):
         return False
     folder.mkdir(parents=True, exist_ok=True)

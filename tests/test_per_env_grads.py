@@ -65,7 +65,7 @@ def test_engines_give_the_loop_gradients(batch_norm, n_outputs):
     ref = per_env_grads(model, x, y, loss_fn, N_ENVS, engine="loop")
     engines = ["shared", "auto"] + ([] if batch_norm else ["vmap"])
     for engine in engines:
-        for chunk in (None, 4):
+        for chunk in (None, 1, 4, N_ENVS):
             got = per_env_grads(model, x, y, loss_fn, N_ENVS, engine=engine, chunk_size=chunk)
             assert_close(got.env_losses, ref.env_losses)
             for a, b in zip(got.grads, ref.grads):

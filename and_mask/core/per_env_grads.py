@@ -10,7 +10,11 @@ Engines:
 - ``shared`` the same forward pass, then the E backward passes vectorised over environments
              (``is_grads_batched``), in chunks of ``chunk_size`` environments to bound memory.
              Exact whenever examples interact through the batch, e.g. BatchNorm in training mode
-             normalising with the statistics of all E*B examples.
+             normalising with the statistics of all E*B examples. Each backward pass runs over
+             all E*B rows, so the cost is inherently about E plain backward passes; batching
+             them pays off on CUDA (fewer kernel launches). On the CPU the batched backward is
+             memory-bound and measured slower than one pass at a time
+             (tests/benchmarks/bench_grads.py), so there the default chunk is 1 environment.
 - ``vmap``   ``torch.func.vmap`` of ``grad`` over environments: each environment is its own
              forward/backward on B examples. Exact only when examples do not interact; with
              BatchNorm in training mode each environment would be normalised with its own
@@ -78,11 +82,15 @@ def grads_from_output(env_losses, params, engine="shared", chunk_size=None):
     params = list(params)
     n_envs = env_losses.shape[0]
     if engine == "loop":
+        chunk_size = 1
+    elif engine != "shared":
+        raise ValueError(f"engine '{engine}' cannot work from a finished forward pass; use 'shared' or 'loop'")
+    if chunk_size is None:
+        chunk_size = n_envs if env_losses.is_cuda else 1
+    if chunk_size == 1:
         per_env = [torch.autograd.grad(env_losses[e], params, retain_graph=True) for e in range(n_envs)]
         return [torch.stack(gs) for gs in zip(*per_env)]
-    if engine != "shared":
-        raise ValueError(f"engine '{engine}' cannot work from a finished forward pass; use 'shared' or 'loop'")
-    chunk = n_envs if not chunk_size else min(chunk_size, n_envs)
+    chunk = min(chunk_size, n_envs)
     eye = torch.eye(n_envs, dtype=env_losses.dtype, device=env_losses.device)
     pieces = []
     for start in range(0, n_envs, chunk):

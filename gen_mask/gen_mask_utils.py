@@ -91,7 +91,7 @@ def majority_vote(grads):
 def median(grads):
     """Coordinate-wise median over environments (Yin et al., ICML 2018); mean of the two middle values for even E."""
     # "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates".
-    ordered = torch.sort(grads, dim=0).values
+    ordered = solvers.sort_environments(grads)
     n_envs = grads.shape[0]
     return (ordered[(n_envs - 1) // 2] + ordered[n_envs // 2]) / 2, {}
 
@@ -103,7 +103,7 @@ def trimmed_mean(grads, trim_fraction=0.2):
     """Coordinate-wise β-trimmed mean over environments (Yin et al., ICML 2018)."""
     n_envs = grads.shape[0]
     k = int(trim_fraction * n_envs)
-    return torch.sort(grads, dim=0).values[k:n_envs - k].mean(dim=0), {}
+    return solvers.sort_environments(grads)[k:n_envs - k].mean(dim=0), {}
 
 
 @COMBINERS.register("pcgrad", scope="model")
@@ -172,17 +172,22 @@ def gaf(grads, cos_distance_threshold=1.0):
     # e = 2..E, if 1 − cos(g, g_e) ≤ τ then g ← (g + g_e)/2. If no environment agreed the step is
     # skipped, here by returning a zero gradient (an optimiser with momentum or weight decay still
     # moves). With one environment its gradient is returned. Environments are taken in batch
-    # order, which the training loop draws at random.
-    fused = grads[0]
+    # order, which the training loop draws at random. The running g = Σ_e a_e g_e is tracked by
+    # its coefficients a, so the cosines come from the E×E Gram matrix.
+    n_envs = grads.shape[0]
+    gram = grads @ grads.T
+    eye = torch.eye(n_envs, dtype=grads.dtype, device=grads.device)
+    coefficients = eye[0]
     agreed = torch.zeros((), device=grads.device)
-    for env_grad in grads[1:]:
-        cos = torch.nn.functional.cosine_similarity(fused, env_grad, dim=0, eps=1e-30)
+    for env in range(1, n_envs):
+        fused_sq_norm = coefficients @ gram @ coefficients
+        cos = (coefficients @ gram[:, env]) / torch.sqrt(fused_sq_norm * gram[env, env]).clamp_min(1e-30)
         accept = (1 - cos) <= cos_distance_threshold
-        fused = torch.where(accept, (fused + env_grad) / 2, fused)
+        coefficients = torch.where(accept, (coefficients + eye[env]) / 2, coefficients)
         agreed = agreed + accept
-    if grads.shape[0] > 1:
-        fused = fused * (agreed > 0)
-    return fused, {"agreed": agreed}
+    if n_envs > 1:
+        coefficients = coefficients * (agreed > 0)
+    return coefficients @ grads, {"agreed": agreed, "weights": coefficients}
 
 
 def _resolve_hparams(combiner, hyperparameters):

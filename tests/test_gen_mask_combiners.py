@@ -185,6 +185,13 @@ def test_majority_vote_is_the_sign_of_the_vote_count():
     assert diag[0]["mask"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("n_envs", list(range(1, 34)))
+def test_sorting_network_equals_torch_sort(n_envs):
+    values = torch.randint(-3, 4, (n_envs, 40), generator=torch.Generator().manual_seed(n_envs)).double()
+    values[:, :20] = torch.randn(n_envs, 20, dtype=torch.float64)  # ties and distinct values
+    assert torch.equal(solvers.sort_environments(values), torch.sort(values, dim=0).values)
+
+
 @pytest.mark.parametrize("n_envs", [1, 2, 5, 6])
 def test_median_matches_numpy(n_envs):
     g = torch.randn(n_envs, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(n_envs))
@@ -319,6 +326,18 @@ def test_gaf_fuses_agreeing_environments_and_skips_when_none_agrees():
     opposed = torch.tensor([[1.0, 0.0], [-1.0, 0.1]])
     out, diag = combine("gaf", [opposed], cos_distance_threshold=1.0)
     assert float(out[0].abs().max()) == 0 and float(diag[0]["agreed"]) == 0
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.9, 1.0, 1.1])
+def test_gaf_equals_the_authors_sequential_filter(threshold):
+    grads = torch.randn(9, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 0.05
+    fused, agreed = grads[0], 0
+    for g in grads[1:]:  # step_GAF of the authors' code, on flattened gradients
+        if 1 - torch.nn.functional.cosine_similarity(fused, g, dim=0) <= threshold:
+            fused, agreed = (fused + g) / 2, agreed + 1
+    out, diag = combine("gaf", [grads[:, :10], grads[:, 10:]], cos_distance_threshold=threshold)
+    torch.testing.assert_close(torch.cat(out), fused if agreed else torch.zeros_like(fused))
+    assert float(diag[0]["agreed"]) == agreed
 
 
 # ---- registry behaviour ------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""Milliseconds per training step spent in each registered combiner, next to the per-environment
+gradients themselves, on the synthetic MLP (16 envs × 256 examples, 3 hidden layers of 256).
+
+Repeats are interleaved over combiners so that machine noise affects all alike; the median is
+reported. Combiners are called at their default hyper-parameters through `apply_combiner`.
+
+    python tests/benchmarks/bench_combiners.py [--repeats 20] [--threads 1]
+"""
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from and_mask.core.combiners import apply_combiner
+from and_mask.core.per_env_grads import per_env_grads
+from and_mask.datasets.synthetic import get_spirals_dataset
+from and_mask.models import MLP
+from gen_mask.gen_mask_utils import COMBINERS
+
+N_ENVS, BATCH, N_DIMS, HIDDEN, LAYERS = 16, 256, 8, 256, 3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = MLP(2 + N_DIMS, HIDDEN, LAYERS, 1)
+    data = [get_spirals_dataset(BATCH, 3, e, N_ENVS, N_DIMS, seed=e) for e in range(N_ENVS)]
+    inputs = torch.cat([torch.from_numpy(x) for x, _ in data])
+    target = torch.cat([torch.from_numpy(y) for _, y in data])
+
+    def grads_step():
+        return per_env_grads(model, inputs, target, F.binary_cross_entropy_with_logits, N_ENVS).grads
+
+    grads = grads_step()
+    tasks = {"per-env gradients (vmap)": grads_step}
+    for name in sorted(COMBINERS):
+        combiner = COMBINERS[name]
+        tasks[name] = lambda c=combiner: apply_combiner(c, grads, c.defaults())
+    times = {name: [] for name in tasks}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for task in tasks.values():  # warm-up
+            task()
+        for _ in range(args.repeats):
+            for name, task in tasks.items():
+                started = time.perf_counter()
+                task()
+                times[name].append(time.perf_counter() - started)
+    print(f"torch threads {torch.get_num_threads()}, {args.repeats} repeats, median ms per step")
+    print("| step part | ms |\n|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {1e3 * statistics.median(values):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
 """gen_mask entry points: get_grads / get_grads_from_model, the run_synthetic command line (flags
 built from the registry, short end-to-end runs, clear errors) and the README's own-combiner example."""
+import importlib
 import importlib.util
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from and_mask.models import MLP
-from gen_mask import run_synthetic
+from gen_mask import run_synthetic, summarize
 from gen_mask.gen_mask_utils import COMBINERS, get_grads, get_grads_from_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_help_lists_every_combiner_and_every_hyper_parameter(capsys):
 
 
 @pytest.mark.parametrize("method,flags", [("align_weights", ["--weight_bound", "1.5"]), ("mgda", [])])
-def test_short_run_writes_the_same_outputs_as_and_mask_runs(tmp_path, method, flags):
+def test_short_run_writes_the_same_outputs_as_and_mask_runs(tmp_path, method, flags, capsys):
     final = run_synthetic.main(SMALL + ["--method", method, *flags, "--output_dir", str(tmp_path)])
     assert final["phase"] == "final" and 0 <= final["test_acc"] <= 1
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "weights_init.pt", "weights_final.pt"):
@@ -99,6 +100,9 @@ def test_short_run_writes_the_same_outputs_as_and_mask_runs(tmp_path, method, fl
         assert {"test_loss", "test_acc", "train_loss", "train_acc", "lr", "mask_density"} <= set(r)
     config = json.load(open(tmp_path / "config.json"))
     assert config["package"] == "gen_mask" and config["flags"]["method"] == method
+    summarize.main([str(tmp_path)])  # the results-table tool reads it back
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| {method} |") and f"{100 * final['test_acc']:.1f} ± 0.0" in row
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -114,22 +118,23 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def readme_example() -> str:
+def readme_example() -> tuple[str, list]:
+    """The README's own-combiner example: (the code of my_rule.py, the flags of its printed command)."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("<!-- section: gen-mask -->")[1].split("<!-- end section: gen-mask -->")[0]
     blocks = re.findall(r"```python\n(# my_rule\.py.*?)```", section, flags=re.S)
     assert len(blocks) == 1, "the README's gen-mask section must hold one ```python block starting '# my_rule.py'"
-    return blocks[0]
+    command = re.search(r"python3? my_rule\.py ([^\n`]*)", section)
+    assert command, "the README must show the command that runs my_rule.py"
+    return blocks[0], command.group(1).split()
 
 
 def test_readme_example_of_an_own_combiner_works_as_printed(tmp_path):
-    code = readme_example()
+    code, command = readme_example()
     assert len(code.strip().splitlines()) <= 16
     (tmp_path / "my_rule.py").write_text(code)
-    command = re.search(r"python my_rule\.py ([^\n`]*)", readme_example.__globals__["ROOT"].joinpath(
-        "README.md").read_text()).group(1).split()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "my_rule.py", *command, *SMALL[:-4], "--epochs", "1", "--quiet",
+    out = subprocess.run([sys.executable, "my_rule.py", *command, *SMALL, "--epochs", "1",
                           "--output_dir", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -141,11 +146,10 @@ def test_readme_example_of_an_own_combiner_works_as_printed(tmp_path):
     try:
         spec.loader.exec_module(module)
         (name,) = set(COMBINERS) - before
-        from tests.test_gen_mask_combiners import (test_identical_environments_give_back_their_gradient,
-                                                   test_output_has_the_parameter_shapes_and_is_finite)
+        generic = importlib.import_module("test_gen_mask_combiners")  # tests/ is on sys.path under pytest
         for n_envs in (1, 4):
-            test_identical_environments_give_back_their_gradient(name, n_envs)
-            test_output_has_the_parameter_shapes_and_is_finite(name, n_envs, torch.float32, "cpu")
+            generic.test_identical_environments_give_back_their_gradient(name, n_envs)
+            generic.test_output_has_the_parameter_shapes_and_is_finite(name, n_envs, torch.float32, "cpu")
     finally:
         for name in set(COMBINERS) - before:
             del COMBINERS[name]

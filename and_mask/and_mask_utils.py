@@ -25,9 +25,21 @@ SCALE_GRAD_INVERSE_SPARSITY = HParam(
     choices=(0, 1))
 
 
+AGREEMENT_CHUNK = 2 ** 17  # elements of sign(g) materialised at once (512 KiB in float32)
+
+
 def agreement_mask(grads: torch.Tensor, agreement_threshold: float) -> torch.Tensor:
-    """Float mask m = 1[|mean_e sign(g_e)| >= τ] for grads of shape (E, *shape)."""
-    return (torch.mean(torch.sign(grads), dim=0).abs() >= agreement_threshold).to(grads.dtype)
+    """Float mask m = 1[|mean_e sign(g_e)| >= τ] for grads of shape (E, *shape).
+
+    sign(g) is computed a block of coordinates at a time: with many environments (one per
+    example) a full-size copy is tens of MB, and writing it, not the arithmetic, dominated the
+    step. The means are sums of integers and therefore identical either way.
+    """
+    flat = grads.reshape(grads.shape[0], -1)
+    columns = max(1, AGREEMENT_CHUNK // flat.shape[0])
+    agreement = torch.cat([torch.sign(flat[:, start:start + columns]).mean(dim=0)
+                           for start in range(0, flat.shape[1], columns)])
+    return (agreement.abs() >= agreement_threshold).to(grads.dtype).view(grads.shape[1:])
 
 
 def _rescale(update, mask, scale_grad_inverse_sparsity):

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 from and_mask.and_mask_utils import METHOD_FLAGS as AND_MASK_FLAGS
+from and_mask import and_mask_utils
 from and_mask.and_mask_utils import AND_MASK
 from and_mask.core import cli
 from and_mask.core.optim import AdamFlexibleWeightDecay
@@ -134,6 +135,18 @@ def test_l2_coef_adds_l2_times_theta_to_the_combined_gradient():
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1, p in zip(grads[0], grads[1], model.parameters()):
         assert torch.allclose(g1 - g0, 0.3 * p.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])
+def test_per_example_agreement_mask_matches_its_definition(tau):
+    """100 environments (one per example) on the logistic model's weight span several sign blocks."""
+    grads = torch.randn(100, 10, 2352)
+    grads[:, 0, :5] = 0.0  # exact zeros count as sign 0
+    grads[:, 1, :7] = grads[:, 1, :7].abs()  # unanimous coordinates
+    expected = (torch.sign(grads).sum(0).abs() / 100 >= tau).float()
+    got = and_mask_utils.agreement_mask(grads, tau)
+    assert torch.equal(got, expected) and got.shape == (10, 2352)
+    assert got[1, :7].eq(1).all() and (tau == 0 or not got[0, :5].any())
 
 
 def read_metrics(run_dir):

@@ -1,7 +1,16 @@
 """python -m gen_mask.run_colored_mnist: Colored MNIST, any combiner of the registry."""
-from and_mask.core.cli import main
+from and_mask.core import cli
 from and_mask.experiments import colored_mnist
 from gen_mask.gen_mask_utils import METHOD_FLAGS
 
+
+def main(argv=None) -> dict:
+    """Parse the flags (`argv`, else the command line), train, return the final evaluation.
+
+    The flags are built when called, so a combiner registered before calling is a valid --method.
+    """
+    return cli.main(colored_mnist, METHOD_FLAGS, "gen_mask", argv)
+
+
 if __name__ == "__main__":
-    main(colored_mnist, METHOD_FLAGS, "gen_mask")
+    main()

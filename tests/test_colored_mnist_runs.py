@@ -1,4 +1,5 @@
 """Colored MNIST runs: flags, agreement environments, evaluation sets, both packages end to end."""
+import importlib
 import json
 
 import pytest
@@ -192,9 +193,8 @@ ORIGINAL_README = {  # the original README's commands, with --use_cuda=0 and a t
 @pytest.mark.parametrize("package", ["and_mask", "gen_mask"])
 def test_original_readme_commands_run(data_root, tmp_path, monkeypatch, package):
     monkeypatch.setattr(colored_mnist, "DEFAULT_DATA_PATH", data_root)  # "given the data"
-    flags = AND_MASK_FLAGS if package == "and_mask" else GEN_MASK_FLAGS
-    argv = ORIGINAL_README[package] + [f"--output_dir={tmp_path / 'run'}", "--quiet"]
-    final = cli.main(colored_mnist, flags, package, argv)
+    run_module = importlib.import_module(f"{package}.run_colored_mnist")
+    final = run_module.main(ORIGINAL_README[package] + [f"--output_dir={tmp_path / 'run'}", "--quiet"])
     records = read_metrics(tmp_path / "run")
     assert len(records) == 16 and "relabelled_acc" in final  # 15 epochs and the final evaluation
     assert records[0]["steps"] == (2 * N_IMAGES // 3) // 256

@@ -56,7 +56,8 @@ def test_and_mask_run(data_path, tmp_path):
     assert records[0]["steps"] == 2
     density = records[0]["mask_density"]
     assert len(density) == len(list(cifar.FastResnet().parameters())) and 0 < min(density.values()) < 1
-    assert read_config(tmp_path)["flags"]["weight_decay_order"] == "before"
+    flags = read_config(tmp_path)["flags"]
+    assert flags["weight_decay_order"] == "before" and flags["grad_chunk_size"] == 16
 
 
 @pytest.mark.parametrize("method", ["geom_mean", "mean"])

@@ -5,19 +5,23 @@ those relabelled examples, on the whole training set and on the test set. With �
 example of a batch is its own environment: the per-example gradients go through the BatchNorm
 statistics of the whole batch (engine "shared", exact), so the agreement mask keeps only the
 directions on which the examples agree. With τ = 0 (or the `mean` combiner) the step is one
-ordinary backward pass of the batch's mean loss.
+ordinary backward pass of the batch's mean loss. `--grad_engine vmap` is an explicit opt-in that
+normalises every example with its own statistics: faster, but a different model.
 """
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import fraction, non_negative_float, positive_float, positive_int
+from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data
 from and_mask.models import FastResnet
 
 NAME = "cifar"
+# With τ > 0 each of the (default 80) examples is an environment and each environment's backward
+# pass runs through the whole batch; 16 environments per batched backward bound the memory.
+RUN_FLAG_DEFAULTS = {"grad_chunk_size": 16}
 
 
 def add_flags(parser, package):
@@ -34,7 +38,8 @@ def add_flags(parser, package):
                       help="use only the first N training images (before relabelling); default: all")
     data.add_argument("--test_subset", type=positive_int, default=None,
                       help="evaluate on the first N test images only; default: all")
-    data.add_argument("--num_workers", type=int, default=10, help="DataLoader worker processes (0: main process)")
+    data.add_argument("--num_workers", type=non_negative_int, default=10,
+                      help="DataLoader worker processes (0: the main process)")
     train = parser.add_argument_group("training")
     train.add_argument("--batch_size", type=positive_int, default=80,
                        help="examples per step; with τ > 0 each is its own environment")
@@ -49,8 +54,6 @@ def add_flags(parser, package):
 def check(args, parser):
     if args.output_dir is None:
         parser.error("the following arguments are required: --output_dir")
-    if args.num_workers < 0:
-        parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.train_subset is not None and args.batch_size > args.train_subset:
         parser.error(f"--batch_size ({args.batch_size}) exceeds --train_subset ({args.train_subset})")
 

@@ -50,7 +50,8 @@ def synchronise(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=8, help="examples per step = environments")
-    parser.add_argument("--chunk_size", type=int, default=4, help="environments per batched backward of 'shared, chunked'")
+    parser.add_argument("--chunk_size", type=int, default=4,
+                        help="environments per batched backward of 'shared, chunks of N'")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

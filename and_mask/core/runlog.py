@@ -85,6 +85,9 @@ class RunLog:
         with open(self.dir / METRICS, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
+    def records(self) -> list[dict]:
+        return read_metrics(self.dir)
+
     def log(self, record: dict):
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")

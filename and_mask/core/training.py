@@ -182,7 +182,9 @@ class Trainer:
         final.update(evaluate(setup.model, setup.eval_loaders, setup.loss_fn, self.device))
         self.runlog.log(final)
         self.runlog.save_weights(setup.model, "weights_final.pt")
-        return final
+        last_epoch = [r for r in self.runlog.records() if r.get("phase") == "epoch"][-1]
+        # The summary also reports the last epoch's running training loss and accuracy.
+        return {**final, "train_loss": last_epoch["train_loss"], "train_acc": last_epoch["train_acc"]}
 
 
 def format_record(record: dict) -> str:

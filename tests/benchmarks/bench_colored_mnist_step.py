@@ -8,7 +8,7 @@ param.grad) followed by the AdamFlexibleWeightDecay step; the plain step is the 
 τ = 0, which the loop runs as one ordinary backward pass. Both are timed in one process with
 interleaved repeats, so machine noise affects them alike. No data set is needed (random digits).
 
-    python tests/benchmarks/bench_colored_mnist_step.py [--repeats 200] [--n_hidden_layers 0]
+    python tests/benchmarks/bench_colored_mnist_step.py [--repeats 200] [--n_hidden_layers 0] [--n_hidden_units 784]
 """
 import argparse
 import statistics
@@ -45,6 +45,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--n_hidden_layers", type=int, default=0)
+    parser.add_argument("--n_hidden_units", type=int, default=28 * 28)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,7 +54,7 @@ def main():
     images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8)
     data = ColoredImages(images, torch.randint(0, 2, (BATCH,)), torch.randint(0, 2, (BATCH,)), "original")
     x, y = data[list(range(BATCH))]
-    model = MLP(spec.n_inputs, 28 * 28, args.n_hidden_layers, N_OUTPUTS)
+    model = MLP(spec.n_inputs, args.n_hidden_units, args.n_hidden_layers, N_OUTPUTS)
     plain, masked = make_trainer(model, 0.0), make_trainer(model, 1.0)
     assert plain.plain and not masked.plain
     times = {"plain": [], "masked": []}
@@ -63,7 +64,9 @@ def main():
         times["plain"].append(timed_step(plain, x, y))
         times["masked"].append(timed_step(masked, x, y))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model: {spec.n_inputs} inputs, {args.n_hidden_layers} hidden layers, {N_OUTPUTS} outputs; "
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {spec.n_inputs} inputs, {args.n_hidden_layers} hidden layers of {args.n_hidden_units}, "
+          f"{N_OUTPUTS} outputs ({n_params} parameters); "
           f"batch {BATCH} examples = {BATCH} environments; {args.threads} thread(s), {args.repeats} repeats")
     print(f"plain step   {1e3 * med['plain']:.2f} ms (median)")
     print(f"masked step  {1e3 * med['masked']:.2f} ms (median)")

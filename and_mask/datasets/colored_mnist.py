@@ -23,6 +23,7 @@ every construction parameter and a fingerprint of the source files.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def prepared(dataset: str, protocol: str, seed: int, data_path=None, cache: bool
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"dataset": dataset, "protocol": protocol, "seed": seed, "label_noise": LABEL_NOISE,
                   "n_source_images": len(images), "version": CACHE_VERSION}
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs never share a partial file
         torch.save({"header": header, "tensors": tensors}, tmp)
         tmp.replace(path)
     return tensors

@@ -14,6 +14,7 @@ Protocols:
 - ``irm`` (Arjovsky et al., 2019): the first 5/6 of the training images (50 000) shuffled, even
   positions env 0 (p = 0.2), odd positions env 1 (p = 0.1); the last 1/6 (10 000) the test env
   (p = 0.9); images subsampled to 14×14 (every second row and column), 2 channels, x/255.
+  (The IRM code's label is 1[digit < 5]; using 1[digit >= 5] for both only swaps the classes.)
 With fewer images (tests) the same fractions apply.
 
 Images are kept as grey uint8 and coloured per batch (a 3-channel float copy of 60 000 images

@@ -29,6 +29,7 @@ keeps the λ with the lowest validation loss (ties: the smaller λ).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,7 +104,10 @@ def combine_stacked(combiner, grads: list, hparams: dict):
 
     if combiner.name not in _NOT_VMAPPABLE:
         try:
-            return list(vmap(one_model, randomness="different")(*per_model)), None
+            with warnings.catch_warnings():
+                # vmap falls back to a per-model loop for a few ops (scatter_, fill_diagonal_): slower, still exact
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return list(vmap(one_model, randomness="different")(*per_model)), None
         except RuntimeError:
             _NOT_VMAPPABLE.add(combiner.name)
     results = [one_model(*model_grads) for model_grads in zip(*per_model)]

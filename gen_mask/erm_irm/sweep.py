@@ -85,7 +85,11 @@ def _append(out: Path, records: list[dict]):
 
 
 def run_sweep(sweep: Sweep, out, quiet: bool = False) -> list[dict]:
-    """Run every missing (method, n_train, trial) of `sweep` into OUT; returns all its records."""
+    """Run every missing (method, n_train, trial) of `sweep` into OUT; returns every record of OUT.
+
+    The records of earlier invocations (other methods, sizes or trials, same settings) are
+    included, so that the table covers the whole folder.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, sweep.settings())
@@ -98,8 +102,7 @@ def run_sweep(sweep: Sweep, out, quiet: bool = False) -> list[dict]:
     else:
         _run_colored(sweep, out, todo, bar)
     bar.close()
-    wanted = set(units)
-    return [r for r in read_results(out) if (r["method"], r["n_train"], r["trial"]) in wanted]
+    return read_results(out)
 
 
 def _record(sweep, method, n, trial, error, optimum, weight, seconds):
@@ -133,7 +136,6 @@ def _run_colored(sweep, out, todo, bar):
             bar.set_postfix_str(f"{method} n={n} trial={trial}")
             started = time.time()
             result = fit(problem, method, sweep.fit)
-            weight = None if result.penalty_weight is None else result.penalty_weight
             _append(out, [_record(sweep, method, n, trial, result.error, colored.OPTIMAL_ERROR[sweep.dataset],
-                                  weight, time.time() - started)])
+                                  result.penalty_weight, time.time() - started)])
             bar.update(1)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, MethodFlags
-from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
+from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, MethodFlags, apply_combiner
+from and_mask.core.per_env_grads import OuterProducts, env_losses_from_output, grads_from_output, per_env_grads
 
 AGREEMENT_THRESHOLD = HParam(
     "agreement_threshold", float, 1.0, "τ in [0, 1]: keep coordinates whose sign agreement |mean_e sign(g_e)| >= τ",
@@ -55,6 +55,19 @@ def and_mask(grads: torch.Tensor, agreement_threshold: float = 1.0, scale_grad_i
     return update, {"mask": mask}
 
 
+def and_mask_outer(grads: OuterProducts, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
+    """AND-mask of per-example Linear-weight gradients G[i] = δ_i x_iᵀ without building them.
+
+    sign(δ_i x_iᵀ) = sign(δ_i) sign(x_i)ᵀ, so mean_i sign(G[i]) = sign(Δ)ᵀ sign(X) / N: a sum of
+    integers (exact in floating point), hence exactly the mask of `and_mask` on the materialised
+    gradients; the mean gradient is ΔᵀX / N.
+    """
+    signs = torch.sign(grads.output_grads).T @ torch.sign(grads.inputs)
+    mask = ((signs / grads.inputs.shape[0]).abs() >= agreement_threshold).to(signs.dtype)
+    update = _rescale(mask * grads.mean(), mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
 def geom_mean(grads: torch.Tensor, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
     """Geometric mean: m ⊙ sign(ḡ) ⊙ exp(mean_e log(|g_e| + 1e-10)) (Parascandolo et al., ICLR 2021)."""
     mask = agreement_mask(grads, agreement_threshold)
@@ -70,20 +83,18 @@ def _and_mask_is_mean(agreement_threshold, scale_grad_inverse_sparsity):
 
 
 HPARAMS = (AGREEMENT_THRESHOLD, SCALE_GRAD_INVERSE_SPARSITY)
-AND_MASK = Combiner("and_mask", and_mask, hparams=HPARAMS, reduces_to_mean=_and_mask_is_mean)
+AND_MASK = Combiner("and_mask", and_mask, hparams=HPARAMS, reduces_to_mean=_and_mask_is_mean, outer=and_mask_outer)
 GEOM_MEAN = Combiner("geom_mean", geom_mean, hparams=HPARAMS)
 COMBINERS = CombinerRegistry({c.name: c for c in (AND_MASK, GEOM_MEAN)})
 METHOD_FLAGS = MethodFlags(COMBINERS, required=True)
 
 
 def _write_grads(params, grads, method, agreement_threshold, scale_grad_inverse_sparsity):
-    combine = COMBINERS[method].fn
-    masks = []
-    for param, env_grads in zip(params, grads):
-        update, diagnostics = combine(env_grads, agreement_threshold, scale_grad_inverse_sparsity)
+    hparams = {"agreement_threshold": agreement_threshold, "scale_grad_inverse_sparsity": scale_grad_inverse_sparsity}
+    updates, diagnostics = apply_combiner(COMBINERS[method], grads, hparams)
+    for param, update in zip(params, updates):
         param.grad = update
-        masks.append(diagnostics["mask"])
-    return masks
+    return [d["mask"] for d in diagnostics]
 
 
 def get_grads(agreement_threshold, batch_size, loss_fn, n_agreement_envs, params, output, target, method,
@@ -113,12 +124,13 @@ def get_grads_from_model(model, inputs, target, loss_fn, n_agreement_envs, agree
     """Same result as `get_grads`, starting from the model so that a faster engine can be used.
 
     `inputs`/`target` hold n_agreement_envs environments of equal size stacked env after env.
-    `engine`: "auto", "vmap", "shared" or "loop" (see `and_mask.core.per_env_grads`).
+    `engine`: "auto", "outer", "vmap", "shared" or "loop" (see `and_mask.core.per_env_grads`).
     Writes `param.grad` of the model's trainable parameters; returns (mean_loss, masks).
     """
     if method not in COMBINERS:
         raise ValueError(f"method must be one of {sorted(COMBINERS)}, got {method!r}")
-    result = per_env_grads(model, inputs, target, loss_fn, n_agreement_envs, engine=engine, chunk_size=chunk_size)
+    result = per_env_grads(model, inputs, target, loss_fn, n_agreement_envs, engine=engine, chunk_size=chunk_size,
+                           accepts_outer=True)
     params = [p for p in model.parameters() if p.requires_grad]
     masks = _write_grads(params, result.grads, method, agreement_threshold, scale_grad_inverse_sparsity)
     return result.env_losses.mean(), masks

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from and_mask import and_mask_utils
 from and_mask.and_mask_utils import get_grads, get_grads_from_model
-from and_mask.core.per_env_grads import per_env_grads, resolve_engine
+from and_mask.core.per_env_grads import OuterProducts, per_env_grads, resolve_engine
 from and_mask.models import MLP
 
 N_ENVS, BATCH = 6, 5
@@ -173,3 +173,58 @@ def test_float32_masks_match_the_loop_on_the_synthetic_mlp(engine):
             m_ref = and_mask_utils.agreement_mask(b, tau)
             noisy = (b.abs() <= 1e-6 * b.abs().max()).any(0) & (b != 0).any(0)
             assert torch.equal(m_got[~noisy], m_ref[~noisy])
+
+
+@pytest.mark.parametrize("hidden_layers", [0, 2])
+def test_outer_engine_gives_the_loop_gradients_per_example(hidden_layers):
+    torch.manual_seed(4)
+    model = MLP(9, 11, hidden_layers, 3).double()
+    x, y = torch.randn(20, 9, dtype=torch.float64), torch.randint(0, 3, (20,))
+    ref = per_env_grads(model, x, y, F.cross_entropy, 20, engine="loop")
+    got = per_env_grads(model, x, y, F.cross_entropy, 20, engine="auto", accepts_outer=True)
+    assert resolve_engine(model, "auto", 20, 20, accepts_outer=True) == "outer"
+    assert_close(got.env_losses, ref.env_losses)
+    for g, r in zip(got.grads, ref.grads):
+        dense = g.materialize() if isinstance(g, OuterProducts) else g
+        assert dense.shape == r.shape
+        assert_close(dense, r)
+        if isinstance(g, OuterProducts):
+            assert_close(g.mean(), r.mean(0))
+
+
+def test_outer_engine_applies_only_where_exact():
+    assert resolve_engine(MLP(3, 4, 1), "auto", 8, 8, accepts_outer=True) == "outer"
+    assert resolve_engine(MLP(3, 4, 1), "auto", 8, 8) == "vmap"  # caller cannot take factors
+    assert resolve_engine(MLP(3, 4, 1), "auto", 16, 8, accepts_outer=True) == "vmap"  # 2 examples per env
+    assert resolve_engine(MLP(3, 4, 1, batch_norm=True), "auto", 8, 8, accepts_outer=True) == "shared"
+    with pytest.raises(ValueError, match="outer engine"):
+        resolve_engine(MLP(3, 4, 1, dropout_p=0.2), "outer", 8, 8, accepts_outer=True)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("scale", [0, 1])
+def test_factored_and_mask_equals_and_mask_on_materialised_gradients(threshold, scale):
+    torch.manual_seed(5)
+    delta = torch.randn(50, 7)
+    inputs = torch.randn(50, 13)
+    inputs[:, 0] = 0.0  # exact zeros: sign 0 in every example
+    inputs[:10, 1] = 0.0
+    factors = OuterProducts(delta, inputs)
+    fast, fast_diag = and_mask_utils.and_mask_outer(factors, threshold, scale)
+    slow, slow_diag = and_mask_utils.and_mask(factors.materialize(), threshold, scale)
+    assert torch.equal(fast_diag["mask"], slow_diag["mask"])
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["and_mask", "geom_mean"])
+def test_per_example_get_grads_from_model_matches_the_original_algorithm(method):
+    torch.manual_seed(6)
+    model = MLP(8, 10, 1, 2).double()
+    x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 2, (12,))
+    params = list(model.parameters())
+    _, ref_updates, ref_masks, per_env = reference_get_grads(0.3, 1, F.cross_entropy, 12, params, model(x), y,
+                                                             method, 1)
+    _, masks = get_grads_from_model(model, x, y, F.cross_entropy, 12, 0.3, method, 1, engine="outer")
+    for i, (p, u, m, got) in enumerate(zip(params, ref_updates, ref_masks, masks)):
+        assert_masks_equal(got, m, [env[i] for env in per_env])
+        assert_close(p.grad, u)

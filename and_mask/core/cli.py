@@ -76,8 +76,9 @@ def add_run_flags(parser: argparse.ArgumentParser):
     group.add_argument("--use_cuda", type=use_cuda_flag, default="auto",
                        help="1: train on CUDA (error if absent); 0: CPU; auto: CUDA when available (default)")
     group.add_argument("--grad_engine", choices=ENGINES, default="auto",
-                       help="per-environment gradient engine: vmap (vectorised, examples independent), shared "
-                            "(exact through BatchNorm batch statistics), loop (the original), auto (default)")
+                       help="per-environment gradient engine: outer (one example per environment, Linear layers "
+                            "only), vmap (vectorised, examples independent), shared (exact through BatchNorm batch "
+                            "statistics), loop (the original), auto (default: the fastest exact one)")
     group.add_argument("--grad_chunk_size", type=positive_int, default=None,
                        help="environments per vectorised backward pass, to bound memory (default: all at once)")
     group.add_argument("--resume", action="store_true",

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from and_mask.core.per_env_grads import OuterProducts
+
 SCOPES = ("tensor", "model")
 
 
@@ -55,6 +57,9 @@ class Combiner:
     # True when E identical per-environment gradients g (without zero coordinates), or a single
     # environment, give back g itself; the test suite checks it for every such combiner.
     keeps_consensus: bool = True
+    # Optional fast rule for per-example Linear-weight gradients given as OuterProducts
+    # (G[i] = δ_i x_iᵀ); it must equal `fn` on the materialised (N, out, in) tensor.
+    outer: Callable | None = None
 
     @property
     def summary(self) -> str:
@@ -91,16 +96,26 @@ class CombinerRegistry(dict):
         return decorate
 
 
+def _materialize(grads):
+    return grads.materialize() if isinstance(grads, OuterProducts) else grads
+
+
 def apply_combiner(combiner: Combiner, per_env_grads: list[torch.Tensor], hparams: dict):
     """Combine a list of per-environment gradients, one (E, *shape) tensor per parameter.
+
+    A Linear weight's per-example gradients may come factored as OuterProducts (the `outer`
+    engine): the combiner's `outer` rule takes them as they are, any other rule sees them
+    materialised.
 
     Returns (list of combined gradients, list of per-tensor diagnostics dicts). A model-scope
     combiner sees the concatenation of all flattened tensors and its diagnostics are repeated
     for every tensor, with the mask (if any) split back per tensor.
     """
     if combiner.scope == "tensor":
-        results = [combiner.fn(g, **hparams) for g in per_env_grads]
+        results = [combiner.outer(g, **hparams) if isinstance(g, OuterProducts) and combiner.outer
+                   else combiner.fn(_materialize(g), **hparams) for g in per_env_grads]
         return [r[0] for r in results], [r[1] for r in results]
+    per_env_grads = [_materialize(g) for g in per_env_grads]
     n_envs = per_env_grads[0].shape[0]
     flat = torch.cat([g.reshape(n_envs, -1) for g in per_env_grads], dim=1)
     combined, diagnostics = combiner.fn(flat, **hparams)

@@ -1,4 +1,4 @@
-"""Per-environment gradients: one place, three engines, all equal to the plain loop.
+"""Per-environment gradients: one place, four engines, all equal to the plain loop.
 
 The batch holds E environments of B examples each, stacked env after env: environment e is
 rows [e*B, (e+1)*B). For every trainable parameter θ we need the (E, *θ.shape) tensor
@@ -19,8 +19,16 @@ Engines:
              forward/backward on B examples. Exact only when examples do not interact; with
              BatchNorm in training mode each environment would be normalised with its own
              statistics, which changes the model, so ``auto`` never picks it then.
-- ``auto``   ``vmap`` when that is exact (no BatchNorm in training mode, no active dropout whose
-             random draws would differ from the shared forward pass), else ``shared``.
+- ``outer``  one example per environment and every trainable parameter in an ``nn.Linear``
+             (logistic regression, MLPs without BatchNorm): one forward and one backward pass of
+             Σ_i L_i give each layer's inputs x_i and output gradients δ_i, and example i's
+             gradient is δ_i (bias) and the outer product δ_i x_iᵀ (weight). Weight gradients are
+             returned factored as ``OuterProducts``, so a combiner with an ``outer`` rule (AND-mask:
+             mean_i sign(δ_i x_iᵀ) = sign(Δ)ᵀ sign(X) / N) never builds the N × out × in tensor;
+             other combiners get it materialised. Exact under the same conditions as ``vmap``.
+- ``auto``   ``outer`` when the caller accepts factored gradients and it applies; else ``vmap``
+             when that is exact (no BatchNorm in training mode, no active dropout whose random
+             draws would differ from the shared forward pass); else ``shared``.
 
 Outputs are reshaped exactly as the original ``get_grads`` did:
 ``output.view(E, B, -1).squeeze(-1)``, and the same for the target, so a model with one logit
@@ -34,14 +42,33 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-ENGINES = ("auto", "vmap", "shared", "loop")
+ENGINES = ("auto", "outer", "vmap", "shared", "loop")
 
 
 @dataclass
 class PerEnvGrads:
     env_losses: torch.Tensor  # (E,) detached
-    grads: list  # one (E, *param.shape) tensor per trainable parameter
+    grads: list  # one (E, *param.shape) tensor (or OuterProducts) per trainable parameter
     output: torch.Tensor  # (E*B, ...) model output, detached
+
+
+@dataclass
+class OuterProducts:
+    """Per-example gradients of a Linear weight kept factored: G[i] = δ_i x_iᵀ, shape (N, out, in)."""
+
+    output_grads: torch.Tensor  # Δ, (N, out)
+    inputs: torch.Tensor  # X, (N, in)
+
+    @property
+    def shape(self):
+        return torch.Size((self.inputs.shape[0], self.output_grads.shape[1], self.inputs.shape[1]))
+
+    def mean(self) -> torch.Tensor:
+        """mean_i δ_i x_iᵀ = ΔᵀX / N."""
+        return self.output_grads.T @ self.inputs / self.inputs.shape[0]
+
+    def materialize(self) -> torch.Tensor:
+        return torch.einsum("no,ni->noi", self.output_grads, self.inputs)
 
 
 def _split_envs(tensor: torch.Tensor, n_envs: int) -> torch.Tensor:
@@ -63,11 +90,26 @@ def has_active_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
 
 
-def resolve_engine(model: nn.Module, engine: str) -> str:
+def outer_applies(model: nn.Module, n_examples: int, n_envs: int) -> bool:
+    """One example per environment, independent examples, and only nn.Linear parameters."""
+    linear_params = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    return (n_examples == n_envs and not couples_examples(model) and not has_active_dropout(model)
+            and all(id(p) in linear_params for p in model.parameters() if p.requires_grad))
+
+
+def resolve_engine(model: nn.Module, engine: str, n_examples: int | None = None, n_envs: int | None = None,
+                   accepts_outer: bool = False) -> str:
     if engine not in ENGINES:
         raise ValueError(f"unknown gradient engine '{engine}'; valid: {', '.join(ENGINES)}")
+    outer = accepts_outer and n_examples is not None and outer_applies(model, n_examples, n_envs)
+    if engine == "outer" and not outer:
+        raise ValueError("the outer engine needs one example per environment, a model whose trainable parameters "
+                         "all sit in nn.Linear layers (no BatchNorm, no active dropout), and a caller that accepts "
+                         "factored gradients")
     if engine != "auto":
         return engine
+    if outer:
+        return "outer"
     return "shared" if couples_examples(model) or has_active_dropout(model) else "vmap"
 
 
@@ -130,10 +172,45 @@ def _vmap_grads(model, inputs, target, loss_fn, n_envs, chunk_size):
     return losses.detach(), [grads[n] for n, _ in named], outs.reshape(inputs.shape[0], *outs.shape[2:]).detach()
 
 
+def _outer_grads(model, inputs, target, loss_fn, n_envs):
+    captured = {}
+
+    def keep(module, args, output):
+        if module in captured or args[0].dim() != 2:
+            raise ValueError("the outer engine needs every nn.Linear called once per forward on 2-D inputs")
+        captured[module] = (args[0].detach(), output)
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(keep) for m in linears]
+    try:
+        output = model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    env_losses = env_losses_from_output(output, target, loss_fn, n_envs)
+    used = [m for m in linears if m in captured]
+    # Each example is its own environment and examples do not interact, so the gradient of
+    # Σ_i L_i with respect to a layer's output row i is example i's own δ_i.
+    deltas = torch.autograd.grad(env_losses.sum(), [captured[m][1] for m in used])
+    factors = {}
+    for module, delta in zip(used, deltas):
+        factors[id(module.weight)] = OuterProducts(delta, captured[module][0])
+        if module.bias is not None:
+            factors[id(module.bias)] = delta
+    grads = [factors[id(p)] for p in model.parameters() if p.requires_grad]
+    return PerEnvGrads(env_losses.detach(), grads, output.detach())
+
+
 def per_env_grads(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, loss_fn, n_envs: int,
-                  engine: str = "auto", chunk_size: int | None = None) -> PerEnvGrads:
-    """Forward `inputs` (E*B examples, env after env) and return each environment's gradient."""
-    engine = resolve_engine(model, engine)
+                  engine: str = "auto", chunk_size: int | None = None, accepts_outer: bool = False) -> PerEnvGrads:
+    """Forward `inputs` (E*B examples, env after env) and return each environment's gradient.
+
+    With `accepts_outer` the caller can take Linear-weight gradients as `OuterProducts`
+    (`apply_combiner` does), which lets `auto` pick the `outer` engine.
+    """
+    engine = resolve_engine(model, engine, inputs.shape[0], n_envs, accepts_outer)
+    if engine == "outer":
+        return _outer_grads(model, inputs, target, loss_fn, n_envs)
     if engine == "vmap":
         losses, grads, output = _vmap_grads(model, inputs, target, loss_fn, n_envs, chunk_size)
         return PerEnvGrads(losses, grads, output)

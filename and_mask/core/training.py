@@ -92,7 +92,8 @@ class Trainer:
             output, masks = output.detach(), None
             loss = loss.detach()
         else:
-            result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size)
+            result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size,
+                                   accepts_outer=True)
             combined, diagnostics = apply_combiner(self.combiner, result.grads, self.hparams)
             for p, g in zip(params, combined):
                 p.grad = g

@@ -44,7 +44,7 @@ def _flat(grads):
 @COMBINERS.register("align_weights", hparams=[
     HParam("weight_bound", float, 2.0, "environment weights lie in [-bound, bound] (original: 2)", low=1.0)])
 def align_weights(grads, weight_bound=2.0):
-    """Original GEN-mask: Σ x_e g_e, x = argmax ⟨Σ x_e g_e, Σ g_e⟩, Σx = 1, |x_e| ≤ 2 (exact LP)."""
+    """Original GEN-mask: Σ x_e g_e, x = argmax ⟨Σ x_e g_e, Σ g_e⟩, Σx = 1, |x_e| ≤ b (exact LP)."""
     # Parascandolo et al. (ICLR 2021) code, gen_mask_utils. The objective is linear in x, with
     # coefficients c_e = ⟨g_e, Σ g⟩, so the original's per-tensor SLSQP is replaced by the exact
     # sort-based LP solution (`solvers.box_simplex_lp`).
@@ -102,7 +102,7 @@ def median(grads):
 def trimmed_mean(grads, trim_fraction=0.2):
     """Coordinate-wise β-trimmed mean over environments (Yin et al., ICML 2018)."""
     n_envs = grads.shape[0]
-    k = int(trim_fraction * n_envs)
+    k = int(trim_fraction * n_envs + 1e-9)  # floor(β·E), robust to float rounding (0.29·100)
     return solvers.sort_environments(grads)[k:n_envs - k].mean(dim=0), {}
 
 

@@ -94,3 +94,7 @@ def test_fashion_mnist_as_32x32_rgb(tmp_path):
 def test_missing_cifar_names_the_expected_files(tmp_path):
     with pytest.raises(DataNotFoundError, match="data_batch_1.*test_batch"):
         read_cifar10(tmp_path, train=True, download=False)
+    folder = write_cifar10_files(tmp_path, n_train_per_batch=1, n_test=1)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataNotFoundError, match="missing data_batch_3;"):
+        read_cifar10(tmp_path, train=False, download=False)

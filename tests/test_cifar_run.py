@@ -126,7 +126,7 @@ def test_worker_processes_give_the_same_run(data_path, tmp_path):
 @pytest.mark.parametrize("package", ["and_mask", "gen_mask"])
 def test_missing_data_is_a_one_line_error(tmp_path, package):
     flags = AND_MASK_FLAGS if package == "and_mask" else GEN_MASK_FLAGS
-    with pytest.raises(SystemExit, match=r"^error: CIFAR-10 not found: .*data_batch_1"):
+    with pytest.raises(SystemExit, match=r"^error: CIFAR-10 not found in .*data_batch_1"):
         cli.main(cifar, flags, package, and_mask_argv(tmp_path / "empty", tmp_path / "run"))
 
 

@@ -54,10 +54,12 @@ def read_cifar10(data_path=None, train=True, download=True):
             pass  # offline: fall through to the error that names the expected files
     missing = _missing(folder)
     if missing:
+        expected = TRAIN_FILES + TEST_FILES
+        lacking = "" if len(missing) == len(expected) else f", missing {', '.join(missing)}"
         raise DataNotFoundError(
-            f"CIFAR-10 not found: {folder} lacks {', '.join(missing)} (torchvision's python version: "
-            f"{', '.join(TRAIN_FILES + TEST_FILES)}); the download failed or was disabled: extract "
-            f"cifar-10-python.tar.gz under {root}, or pass --data_path")
+            f"CIFAR-10 not found in {folder}: expected {', '.join(expected)} (torchvision's python version)"
+            f"{lacking}; the download failed or was disabled: extract cifar-10-python.tar.gz under {root}, "
+            f"or pass --data_path")
     images, labels = [], []
     for path in _cifar_files(folder, train):
         with open(path, "rb") as f:

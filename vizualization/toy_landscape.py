@@ -1,0 +1,200 @@
+"""Descent fields, trajectories, basin maps and Hessian eigenvalues of a method on a 2-D toy landscape.
+
+python -m vizualization.toy_landscape --landscape ilc_paper --method and_mask --noise 3 --out figures/
+
+Figures (in --out, named after the landscape and method):
+- <landscape>_<method>_fields: each environment's loss Z_e with the streamlines of −∇Z_e, the
+  summed loss with the average field −mean_e ∇Z_e, and with the method's field −d(θ);
+- <landscape>_<method>_trajectory: the heavy-ball trajectory θ ← θ − η v, v ← μ v + d(θ) from
+  --start, and each environment's loss along it;
+- <landscape>_<method>_basins: from every start cell, the fraction of --repeats noisy runs that
+  end at an invariant minimum, a spurious minimum or neither (minima found numerically);
+- <landscape>_hessian: smallest and largest Hessian eigenvalue of each Z_e and of the average.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from matplotlib.colors import TwoSlopeNorm
+
+from and_mask.core.cli import non_negative_float, positive_float, positive_int
+from and_mask.core.combiners import MethodFlags
+from vizualization.dynamics import KINDS, basin_map, find_minima, hessian_eigenvalues, method_dynamics
+from vizualization.landscapes import DTYPE, LANDSCAPES, default_lr, env_grads, env_losses
+from vizualization.plotting import add_output_flags, figure, run_cli, save
+from vizualization.toy_methods import TOY_METHODS, direction
+
+FIGURES = ("fields", "trajectory", "basins", "hessian")
+METHOD_FLAGS = MethodFlags(TOY_METHODS, required=False, default_method="mean")
+MARKERS = {"invariant": ("*", "gold", 16), "spurious": ("X", "red", 10)}
+
+
+def momentum_value(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vizualization.toy_landscape",
+                                     description=(__doc__ or "").strip().splitlines()[0])
+    group = parser.add_argument_group("landscape and dynamics")
+    group.add_argument("--landscape", choices=sorted(LANDSCAPES), default="ilc_paper")
+    group.add_argument("--momentum", type=momentum_value, default=0.0, help="heavy-ball μ in [0, 1) (default 0)")
+    group.add_argument("--noise", type=non_negative_float, default=0.0,
+                       help="σ of the Gaussian noise added to each environment's gradient (default 0; the "
+                            "original used 3 on ilc_paper)")
+    group.add_argument("--steps", type=positive_int, default=500, help="steps of the trajectory and basin runs")
+    group.add_argument("--lr", type=positive_float, default=None,
+                       help="step size η (default 1 / largest Hessian eigenvalue on the grid)")
+    group.add_argument("--start", type=float, nargs=2, metavar=("X", "Y"), default=None,
+                       help="start of the trajectory (default: the landscape's)")
+    group.add_argument("--basin_grid", type=positive_int, default=40, help="start cells per axis of the basin maps")
+    group.add_argument("--repeats", type=positive_int, default=8, help="noisy runs per start cell (1 without noise)")
+    group.add_argument("--radius", type=positive_float, default=1.0,
+                       help="an end point within this distance of a minimum has reached it; also the distance "
+                            "within which every environment needs a minimum for an invariant one")
+    group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise")
+    group.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="which figures to draw")
+    METHOD_FLAGS.add_flags(parser)
+    add_output_flags(parser)
+    return parser
+
+
+def _grid(landscape):
+    """The plotting grid: numpy axes for matplotlib, torch points for the fields."""
+    xs, ys, points = landscape.grid()
+    return xs.numpy(), ys.numpy(), points
+
+
+def method_label(method, hparams) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in hparams.items())
+    return f"{method.name} ({settings})" if settings else method.name
+
+
+def _contour(ax, fig, xs, ys, values, title, label="loss"):
+    filled = ax.contourf(xs, ys, values, levels=30, cmap="viridis")
+    fig.colorbar(filled, ax=ax, label=label)
+    ax.set(title=title, xlabel="x", ylabel="y", aspect="equal", xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
+
+
+def _stream(ax, xs, ys, field):
+    """Streamlines of the descent direction −field ((ny, nx, 2) array)."""
+    ax.streamplot(xs, ys, -field[..., 0], -field[..., 1], color="white", linewidth=0.7, density=1.1, arrowsize=0.8)
+
+
+def _mark_minima(ax, minima):
+    for kind, (marker, colour, size) in MARKERS.items():
+        points = np.array([m.point for m in minima if m.kind == kind]).reshape(-1, 2)
+        ax.plot(points[:, 0], points[:, 1], marker, color=colour, markersize=size, markeredgecolor="black",
+                linestyle="none", label=f"{kind} minimum")
+
+
+def plot_fields(args, landscape, method, hparams, lr, minima):
+    xs, ys, points = _grid(landscape)
+    shape = (len(ys), len(xs))
+    losses = env_losses(landscape, points).numpy()
+    grads = env_grads(landscape, points).numpy()
+    combined = direction(method, hparams, landscape, points, lr).numpy()
+    fig, axes = figure(2, 2, f"{landscape.name}: descent fields\n{method_label(method, hparams)}")
+    panels = [(losses[:, 0], grads[:, 0], "env 1: $Z_1$ and $-\\nabla Z_1$"),
+              (losses[:, 1], grads[:, 1], "env 2: $Z_2$ and $-\\nabla Z_2$"),
+              (losses.sum(1), grads.mean(1), "$Z_1 + Z_2$ and the average $-\\mathrm{mean}_e \\nabla Z_e$"),
+              (losses.sum(1), combined, f"$Z_1 + Z_2$ and {method.name}'s $-d(\\theta)$")]
+    for ax, (loss, field, title) in zip(axes.flat, panels):
+        _contour(ax, fig, xs, ys, loss.reshape(shape), title)
+        _stream(ax, xs, ys, field.reshape(*shape, 2))
+        _mark_minima(ax, minima)
+    axes[0, 0].legend(loc="lower right", fontsize="small")
+    return save(fig, args, f"{landscape.name}_{method.name}_fields")
+
+
+def plot_trajectory(args, landscape, method, hparams, lr, minima):
+    start = torch.tensor([args.start or landscape.start], dtype=DTYPE)
+    path = method_dynamics(method, hparams, landscape, start, args.steps, lr, args.momentum, args.noise, args.seed,
+                           record=True)[:, 0]
+    xs, ys, points = _grid(landscape)
+    summed = env_losses(landscape, points).sum(1).reshape(len(ys), len(xs)).numpy()
+    fig, axes = figure(1, 2, f"{landscape.name}: {method_label(method, hparams)}, "
+                             f"η={lr:.3g}, μ={args.momentum}, σ={args.noise}")
+    ax = axes[0, 0]
+    _contour(ax, fig, xs, ys, summed, f"trajectory on $Z_1 + Z_2$ ({args.steps} steps)")
+    ax.plot(path[:, 0], path[:, 1], color="white", linewidth=1.0)
+    ax.plot(*path[0], "o", color="white", markeredgecolor="black", label="start")
+    ax.plot(*path[-1], "s", color="orange", markeredgecolor="black", label="end")
+    _mark_minima(ax, minima)
+    ax.set(xlim=(landscape.low, landscape.high), ylim=(landscape.low, landscape.high))
+    ax.legend(loc="lower right", fontsize="small")
+    ax = axes[0, 1]
+    along = env_losses(landscape, path).numpy()
+    for e in range(along.shape[1]):
+        ax.plot(along[:, e], label=f"$Z_{e + 1}$")
+    ax.plot(along.mean(1), color="black", linewidth=2, label="mean")
+    ax.set(title="environment losses along the trajectory", xlabel="step", ylabel="loss")
+    ax.legend()
+    return save(fig, args, f"{landscape.name}_{method.name}_trajectory")
+
+
+def plot_basins(args, landscape, method, hparams, lr, minima):
+    repeats = args.repeats if args.noise > 0 else 1  # without noise every repeat is the same run
+    fractions = basin_map(method, hparams, landscape, minima, args.basin_grid, repeats, args.steps, lr,
+                          args.momentum, args.noise, args.seed, args.radius).numpy()
+    xs, ys, points = _grid(landscape)
+    summed = env_losses(landscape, points).sum(1).reshape(len(ys), len(xs)).numpy()
+    fig, axes = figure(1, 3, f"{landscape.name}: where {method_label(method, hparams)} ends "
+                             f"(η={lr:.3g}, μ={args.momentum}, σ={args.noise}, {args.steps} steps, "
+                             f"{repeats} runs per cell)")
+    extent = (landscape.low, landscape.high, landscape.low, landscape.high)
+    for ax, kind, fraction in zip(axes.flat, KINDS, fractions):
+        image = ax.imshow(fraction, origin="lower", extent=extent, vmin=0, vmax=1, cmap="magma")
+        fig.colorbar(image, ax=ax, label="fraction of runs")
+        ax.contour(xs, ys, summed, levels=15, colors="white", linewidths=0.4, alpha=0.5)
+        _mark_minima(ax, minima)
+        ax.set(title=f"reaches {kind}" + (" minimum" if kind != "neither" else ""), xlabel="x", ylabel="y")
+    axes[0, 0].legend(loc="lower right", fontsize="small")
+    return save(fig, args, f"{landscape.name}_{method.name}_basins")
+
+
+def plot_hessian(args, landscape):
+    xs, ys, points = _grid(landscape)
+    eigenvalues = hessian_eigenvalues(landscape, points).numpy()
+    names = [f"$Z_{e + 1}$" for e in range(eigenvalues.shape[1] - 1)] + ["mean"]
+    fig, axes = figure(2, len(names), f"{landscape.name}: Hessian eigenvalues")
+    for row, which in enumerate(("smallest", "largest")):
+        for col, name in enumerate(names):
+            values = eigenvalues[:, col, row].reshape(len(ys), len(xs))
+            bound = max(abs(values.min()), abs(values.max()), 1e-12)
+            ax = axes[row, col]
+            image = ax.pcolormesh(xs, ys, values, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -bound, bound),
+                                  shading="nearest")
+            fig.colorbar(image, ax=ax, label="eigenvalue")
+            ax.set(title=f"{which} eigenvalue of {name}", xlabel="x", ylabel="y", aspect="equal")
+    return save(fig, args, f"{landscape.name}_hessian")
+
+
+def main(argv=None) -> list:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    method, hparams = METHOD_FLAGS.resolve(args, parser)
+    landscape = LANDSCAPES[args.landscape]
+    lr = args.lr or default_lr(landscape)
+    minima = find_minima(landscape, lr, radius=args.radius)
+    written = []
+    if "fields" in args.figures:
+        written += plot_fields(args, landscape, method, hparams, lr, minima)
+    if "trajectory" in args.figures:
+        written += plot_trajectory(args, landscape, method, hparams, lr, minima)
+    if "basins" in args.figures:
+        written += plot_basins(args, landscape, method, hparams, lr, minima)
+    if "hessian" in args.figures:
+        written += plot_hessian(args, landscape)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)

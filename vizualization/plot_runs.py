@@ -1,0 +1,163 @@
+"""Accuracy, loss and per-layer mask density curves of saved runs, mean ± std over seeds by method.
+
+python -m vizualization.plot_runs runs/avg_s0 runs/avg_s1 runs/geom_s0 runs/geom_s1 --out figures/
+
+Reads only each run's config.json and metrics.jsonl (it never retrains). Runs are grouped by
+method: the --method flag and the values of that combiner's hyper-parameter flags; a group of
+several runs (seeds) is drawn as its mean with a ± one standard deviation band (sample std).
+
+x axis, in epochs of training done: the loop evaluates every evaluation set *before* training
+epoch k, so those values sit at k − 1 and the final evaluation at the last epoch; the running
+training loss/accuracy and the mask density are averages over epoch k, drawn at k − ½.
+Figures: accuracy, loss (one panel per set: train (running), train_eval, test, relabelled, ...)
+and mask_density (one panel per parameter tensor).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from and_mask.core.errors import RunError
+from and_mask.core.runlog import CONFIG, METRICS, read_config, read_metrics
+from gen_mask.gen_mask_utils import COMBINERS
+from vizualization.plotting import add_output_flags, figure, plt, run_cli, save
+
+SHORT = {"agreement_threshold": "τ", "scale_grad_inverse_sparsity": "scale"}  # legend abbreviations
+RUNNING = ("train_loss", "train_acc")  # averaged over the epoch's steps, not an evaluation
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    records: list
+
+
+def method_label(flags: dict) -> str:
+    """'geom_mean τ=1 scale=1': the method and its combiner's hyper-parameter values."""
+    method = flags.get("method", "?")
+    names = [h.name for h in COMBINERS[method].hparams] if method in COMBINERS else []
+    settings = " ".join(f"{SHORT.get(n, n)}={flags[n]}" for n in names if flags.get(n) is not None)
+    return f"{method} {settings}".strip()
+
+
+def load_run(path) -> Run:
+    path = Path(path)
+    if not (path / CONFIG).exists() or not (path / METRICS).exists():
+        raise RunError(f"{path} is not a run folder: it needs {CONFIG} and {METRICS}")
+    records = read_metrics(path)
+    if not records:
+        raise RunError(f"{path / METRICS} holds no records")
+    return Run(path, method_label(read_config(path)["flags"]), records)
+
+
+def group_runs(runs: list[Run]) -> "OrderedDict[str, list[Run]]":
+    groups = OrderedDict()
+    for run in runs:
+        groups.setdefault(run.label, []).append(run)
+    return groups
+
+
+def series(records: list, key: str, sub: str | None = None) -> dict:
+    """{x: value} of one metric (or one entry `sub` of a dict-valued metric) of one run."""
+    points = {}
+    for record in records:
+        value = record.get(key)
+        if sub is not None:
+            value = value.get(sub) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        if key in RUNNING or key == "mask_density":
+            x = record["epoch"] - 0.5
+        else:
+            x = record["epoch"] if record.get("phase") == "final" else record["epoch"] - 1
+        points[x] = value
+    return points
+
+
+def mean_std(runs: list[Run], key: str, sub: str | None = None):
+    """(x, mean, std) over the runs at the x values that every run has; std is 0 for one run."""
+    per_run = [series(run.records, key, sub) for run in runs]
+    xs = sorted(set.intersection(*(set(p) for p in per_run)))
+    values = np.array([[p[x] for x in xs] for p in per_run], dtype=float).reshape(len(runs), len(xs))
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(xs))
+    return np.array(xs), values.mean(axis=0), std
+
+
+def _metric_keys(runs: list[Run], suffix: str) -> list[str]:
+    keys = {k for run in runs for r in run.records for k in r if k.endswith(suffix)}
+    return sorted(keys, key=lambda k: (k not in RUNNING, k))
+
+
+def _panels(n: int):
+    ncols = min(n, 4)
+    return (n + ncols - 1) // ncols, ncols
+
+
+def _draw(ax, groups, key, sub=None, bounds=(-np.inf, np.inf)):
+    """Mean line and ± std band of every group; the band is clipped to the metric's possible range."""
+    for colour, (label, runs) in zip(_colours(), groups.items()):
+        x, mean, std = mean_std(runs, key, sub)
+        ax.plot(x, mean, color=colour, label=f"{label} (n={len(runs)})")
+        ax.fill_between(x, np.clip(mean - std, *bounds), np.clip(mean + std, *bounds), color=colour, alpha=0.25,
+                        linewidth=0)
+
+
+def _colours():
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+
+
+def plot_metric(args, groups, suffix: str, ylabel: str, name: str):
+    runs = [r for rs in groups.values() for r in rs]
+    keys = _metric_keys(runs, suffix)
+    if not keys:
+        return []
+    fig, axes = figure(*_panels(len(keys)), f"{ylabel}, mean ± std over runs")
+    for ax, key in zip(axes.flat, keys):
+        _draw(ax, groups, key, bounds=(0, 1) if suffix == "_acc" else (0, np.inf))
+        title = key[: -len(suffix)] + (" (running, during the epoch)" if key in RUNNING else "")
+        ax.set(title=title, xlabel="epochs trained", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize="small")
+    return save(fig, args, name)
+
+
+def plot_mask_density(args, groups):
+    runs = [r for rs in groups.values() for r in rs]
+    names = list(OrderedDict.fromkeys(n for run in runs for r in run.records for n in r.get("mask_density", {})))
+    if not names:
+        return []
+    fig, axes = figure(*_panels(len(names)), "fraction of coordinates kept by the mask, per parameter tensor")
+    for ax, name in zip(axes.flat, names):
+        _draw(ax, groups, "mask_density", name, bounds=(0, 1))
+        ax.set(title=name, xlabel="epochs trained", ylabel="mask density", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize="small")
+    return save(fig, args, "mask_density")
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(prog="python -m vizualization.plot_runs",
+                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of training runs")
+    add_output_flags(parser)
+    args = parser.parse_args(argv)
+    groups = group_runs([load_run(path) for path in args.runs])
+    written = (plot_metric(args, groups, "_acc", "accuracy", "accuracy")
+               + plot_metric(args, groups, "_loss", "loss", "loss")
+               + plot_mask_density(args, groups))
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)

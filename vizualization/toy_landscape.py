@@ -118,8 +118,8 @@ def plot_trajectory(args, landscape, method, hparams, lr, minima):
                            record=True)[:, 0]
     xs, ys, points = _grid(landscape)
     summed = env_losses(landscape, points).sum(1).reshape(len(ys), len(xs)).numpy()
-    fig, axes = figure(1, 2, f"{landscape.name}: {method_label(method, hparams)}, "
-                             f"η={lr:.3g}, μ={args.momentum}, σ={args.noise}")
+    fig, axes = figure(1, 2, f"{landscape.name}: {method_label(method, hparams)}\n"
+                             f"step η={lr:.3g}, momentum μ={args.momentum}, gradient noise σ={args.noise}")
     ax = axes[0, 0]
     _contour(ax, fig, xs, ys, summed, f"trajectory on $Z_1 + Z_2$ ({args.steps} steps)")
     ax.plot(path[:, 0], path[:, 1], color="white", linewidth=1.0)
@@ -144,9 +144,9 @@ def plot_basins(args, landscape, method, hparams, lr, minima):
                           args.momentum, args.noise, args.seed, args.radius).numpy()
     xs, ys, points = _grid(landscape)
     summed = env_losses(landscape, points).sum(1).reshape(len(ys), len(xs)).numpy()
-    fig, axes = figure(1, 3, f"{landscape.name}: where {method_label(method, hparams)} ends "
-                             f"(η={lr:.3g}, μ={args.momentum}, σ={args.noise}, {args.steps} steps, "
-                             f"{repeats} runs per cell)")
+    fig, axes = figure(1, 3, f"{landscape.name}: where {method_label(method, hparams)} ends\n"
+                             f"step η={lr:.3g}, momentum μ={args.momentum}, gradient noise σ={args.noise}, "
+                             f"{args.steps} steps, {repeats} runs per start cell")
     extent = (landscape.low, landscape.high, landscape.low, landscape.high)
     for ax, kind, fraction in zip(axes.flat, KINDS, fractions):
         image = ax.imshow(fraction, origin="lower", extent=extent, vmin=0, vmax=1, cmap="magma")

@@ -8,12 +8,14 @@ parameter tensor of shape (2,). Two toy-only rules need more than the gradients 
 - reptile:   from θ, k gradient steps of size η on each environment alone,
              φ_e ← φ_e − η ∇Z_e(φ_e); direction d = mean_e (θ − φ_e) / (k η). With k = 1 this is
              the average gradient.
-- lookahead: before stepping along u = Σ_e a_e g_e, tune the weights a (starting at 1/E) by a
-             few gradient steps on  J(a) = ‖u‖ / mean_e ‖g_e‖ − λ · mean_{e<f} cos(g'_e, g'_f),
+- lookahead: before stepping along u = Σ_e a_e g_e, tune the weights a on the simplex,
+             a = softmax(s) with s = 0 (the average) at first, by a few gradient steps on s of
+                 J(a) = ‖u‖ / mean_e ‖g_e‖ − λ · mean_{e<f} cos(g'_e, g'_f),
              where g'_e = g_e − η H_e u is environment e's gradient after the step, to first
-             order (H_e its Hessian): a short update after which the environments agree. The
-             ‖u‖ term is divided by the mean gradient norm so that λ has the same meaning
-             everywhere on the landscape.
+             order (H_e its Hessian): the smallest convex combination (as in MGDA) after which
+             the environments agree. Keeping a on the simplex keeps u from vanishing or turning
+             against every environment; dividing ‖u‖ by the mean gradient norm gives λ the same
+             meaning everywhere on the landscape.
 
 `TOY_METHODS` holds the registry's combiners plus these two as `Combiner`s, so that
 `MethodFlags(TOY_METHODS)` makes --method and every hyper-parameter flag, as in training.
@@ -69,8 +71,8 @@ def reptile(landscape: Landscape, points, lr: float, noise: float = 0.0, generat
     return (points.unsqueeze(1) - phi).mean(1) / (reptile_steps * lr)
 
 
-def _lookahead_objective(weights, grads, hessians, lr, lam):
-    u = weights @ grads
+def _lookahead_objective(logits, grads, hessians, lr, lam):
+    u = torch.softmax(logits, dim=0) @ grads
     scale = grads.norm(dim=1).mean() + 1e-12
     after = grads - lr * torch.einsum("eij,j->ei", hessians, u)
     unit = after / (after.norm(dim=1, keepdim=True) + 1e-12)
@@ -81,16 +83,15 @@ def _lookahead_objective(weights, grads, hessians, lr, lam):
 
 
 def lookahead(landscape: Landscape, points, lr: float, noise: float = 0.0, generator=None,
-              lookahead_lambda: float = 1.0, lookahead_steps: int = 5, lookahead_lr: float = 0.1):
-    """Lookahead: u = Σ a_e g_e, a tuned on ‖u‖/mean‖g‖ − λ·cos(g_e − ηH_e u, g_f − ηH_f u)."""
+              lookahead_lambda: float = 1.0, lookahead_steps: int = 5, lookahead_lr: float = 1.0):
+    """Lookahead: u = Σ a_e g_e, a = softmax(s) tuned on ‖u‖/mean‖g‖ − λ·cos(g_e − ηH_e u, g_f − ηH_f u)."""
     grads = noisy_env_grads(landscape, points, noise, generator)
     hessians = env_hessians(landscape, points)
-    n_envs = grads.shape[1]
-    weights = torch.full(grads.shape[:2], 1.0 / n_envs, dtype=grads.dtype)
+    logits = torch.zeros(grads.shape[:2], dtype=grads.dtype)
     objective_grad = vmap(grad(_lookahead_objective), in_dims=(0, 0, 0, None, None))
     for _ in range(lookahead_steps):
-        weights = weights - lookahead_lr * objective_grad(weights, grads, hessians, lr, lookahead_lambda)
-    return torch.einsum("ne,nei->ni", weights, grads)
+        logits = logits - lookahead_lr * objective_grad(logits, grads, hessians, lr, lookahead_lambda)
+    return torch.einsum("ne,nei->ni", torch.softmax(logits, dim=1), grads)
 
 
 TOY_ONLY = CombinerRegistry()
@@ -98,8 +99,8 @@ TOY_ONLY.add(Combiner("reptile", reptile, hparams=(
     HParam("reptile_steps", int, 5, "inner gradient steps per environment (k)", low=1),)))
 TOY_ONLY.add(Combiner("lookahead", lookahead, hparams=(
     HParam("lookahead_lambda", float, 1.0, "weight λ of the post-step gradient agreement", low=0.0),
-    HParam("lookahead_steps", int, 5, "gradient steps on the environment weights", low=0),
-    HParam("lookahead_lr", float, 0.1, "step size of those weight updates", low=0.0))))
+    HParam("lookahead_steps", int, 5, "gradient steps on the logits of the environment weights", low=0),
+    HParam("lookahead_lr", float, 1.0, "step size of those logit updates", low=0.0))))
 
 TOY_METHODS = CombinerRegistry(COMBINERS)
 for _method in TOY_ONLY.values():

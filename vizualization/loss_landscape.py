@@ -123,14 +123,16 @@ def plot_plane(args, coords, losses):
         fig.colorbar(filled, ax=ax, label=label)
         ax.set(title=title)
     ax = axes[0, 2]
-    for e, colour in enumerate(_env_colours(losses.shape[-1])):
+    n_envs = losses.shape[-1]
+    for e, colour in enumerate(_env_colours(n_envs)):
         ax.contour(coords, coords, losses[..., e], levels=[level], colors=[colour], linewidths=1.2)
-        ax.plot([], [], color=colour, label=f"env {e + 1}")
+        label = f"env {e + 1}" if n_envs <= 8 else (f"one colour per environment ({n_envs})" if e == 0 else None)
+        ax.plot([], [], color=colour, label=label)
     ax.contour(coords, coords, mean, levels=[level], colors="black", linewidths=2.2, linestyles="--")
     ax.plot([], [], color="black", linestyle="--", label="average")
-    ax.set(title=f"where each environment's loss = {level:.3g}")
-    if losses.shape[-1] <= 8:
-        ax.legend(fontsize="small", loc="upper right")
+    ax.set(title=f"level set loss = {level:.3g}")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower right", ncol=min(n_envs + 1, 5) if n_envs <= 8
+               else 2, fontsize="small")
     for ax in axes.flat:
         ax.plot(0, 0, "*", color="white", markeredgecolor="black", markersize=12)
         ax.set(xlabel="a (direction 1)", ylabel="b (direction 2)", aspect="equal")

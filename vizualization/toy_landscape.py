@@ -76,7 +76,7 @@ def method_label(method, hparams) -> str:
 
 
 def _contour(ax, fig, xs, ys, values, title, label="loss"):
-    filled = ax.contourf(xs, ys, values, levels=30, cmap="viridis")
+    filled = ax.contourf(xs, ys, values, levels=20, cmap="viridis")
     fig.colorbar(filled, ax=ax, label=label)
     ax.set(title=title, xlabel="x", ylabel="y", aspect="equal", xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
 
@@ -91,6 +91,11 @@ def _mark_minima(ax, minima):
         points = np.array([m.point for m in minima if m.kind == kind]).reshape(-1, 2)
         ax.plot(points[:, 0], points[:, 1], marker, color=colour, markersize=size, markeredgecolor="black",
                 linestyle="none", label=f"{kind} minimum")
+
+
+def _legend_below(fig, ax):
+    """The minima markers' legend under the panels, where it hides nothing."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize="small")
 
 
 def plot_fields(args, landscape, method, hparams, lr, minima):
@@ -108,7 +113,7 @@ def plot_fields(args, landscape, method, hparams, lr, minima):
         _contour(ax, fig, xs, ys, loss.reshape(shape), title)
         _stream(ax, xs, ys, field.reshape(*shape, 2))
         _mark_minima(ax, minima)
-    axes[0, 0].legend(loc="lower right", fontsize="small")
+    _legend_below(fig, axes[0, 0])
     return save(fig, args, f"{landscape.name}_{method.name}_fields")
 
 
@@ -127,7 +132,7 @@ def plot_trajectory(args, landscape, method, hparams, lr, minima):
     ax.plot(*path[-1], "s", color="orange", markeredgecolor="black", label="end")
     _mark_minima(ax, minima)
     ax.set(xlim=(landscape.low, landscape.high), ylim=(landscape.low, landscape.high))
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small")
     ax = axes[0, 1]
     along = env_losses(landscape, path).numpy()
     for e in range(along.shape[1]):
@@ -154,7 +159,7 @@ def plot_basins(args, landscape, method, hparams, lr, minima):
         ax.contour(xs, ys, summed, levels=15, colors="white", linewidths=0.4, alpha=0.5)
         _mark_minima(ax, minima)
         ax.set(title=f"reaches {kind}" + (" minimum" if kind != "neither" else ""), xlabel="x", ylabel="y")
-    axes[0, 0].legend(loc="lower right", fontsize="small")
+    _legend_below(fig, axes[0, 0])
     return save(fig, args, f"{landscape.name}_{method.name}_basins")
 
 

@@ -48,9 +48,9 @@ def test_uint8_input_is_divided_by_255(model):
 def test_shared_engine_equals_the_loop_through_batchnorm():
     """Per-example environments in training mode: the batch statistics couple the examples."""
     torch.manual_seed(1)
-    model = FastResnet().double().train()
-    # 16×16 inputs (the global max-pool accepts any size) keep the float64 loop fast.
-    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (4,))
+    model = FastResnet().train()
+    # 16×16 inputs (the global max-pool accepts any size) keep the loop fast.
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     assert resolve_engine(model, "auto") == "shared"
     state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
@@ -62,9 +62,10 @@ def test_shared_engine_equals_the_loop_through_batchnorm():
         assert torch.allclose(results[key].env_losses, reference.env_losses)
         for g, g_ref in zip(results[key].grads, reference.grads):
             assert g.shape == (4, *g_ref.shape[1:])
-            assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
     # Each example's gradient depends on the others through the statistics: a per-example
     # forward pass (the vmap engine) normalises every example alone and gives other gradients.
     model.load_state_dict(state)
     alone = per_env_grads(model, x, y, F.cross_entropy, 4, engine="vmap")
-    assert not torch.allclose(alone.grads[0], reference.grads[0], rtol=1e-3)
+    scale = float(reference.grads[0].abs().max())
+    assert not torch.allclose(alone.grads[0], reference.grads[0], rtol=1e-2, atol=1e-2 * scale)

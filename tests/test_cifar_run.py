@@ -21,11 +21,11 @@ def data_path(tmp_path_factory):
 
 
 def and_mask_argv(data_path, output_dir, *extra):
-    """The original README command, shrunk: 8 training images, batches of 4, 2 epochs."""
-    return ["--random_labels_fraction", "0.5", "--agreement_threshold", "0.2", "--method", "and_mask",
+    """The original README command, shrunk: 4 training images, all relabelled, batches of 2, 2 epochs."""
+    return ["--random_labels_fraction", "1.0", "--agreement_threshold", "0.2", "--method", "and_mask",
             "--epochs", "2", "--weight_decay", "1e-06", "--scale_grad_inverse_sparsity", "1", "--init_lr", "0.0005",
             "--weight_decay_order", "before", "--output_dir", str(output_dir), "--data_path", str(data_path),
-            "--batch_size", "4", "--train_subset", "8", "--num_workers", "0", "--download", "0", "--use_cuda", "0",
+            "--batch_size", "2", "--train_subset", "4", "--num_workers", "0", "--download", "0", "--use_cuda", "0",
             "--quiet", *extra]
 
 
@@ -52,7 +52,7 @@ def check_records(run_dir, epochs):
 def test_and_mask_run(data_path, tmp_path):
     final = cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(data_path, tmp_path))
     records = check_records(tmp_path, 2)
-    assert final == records[-1]
+    assert all(final[key] == value for key, value in records[-1].items())
     assert records[0]["steps"] == 2
     density = records[0]["mask_density"]
     assert len(density) == len(list(cifar.FastResnet().parameters())) and 0 < min(density.values()) < 1
@@ -62,9 +62,9 @@ def test_and_mask_run(data_path, tmp_path):
 
 @pytest.mark.parametrize("method", ["geom_mean", "mean"])
 def test_gen_mask_run(data_path, tmp_path, method):
-    argv = ["--random_labels_fraction", "0.5", "--method", method, "--epochs", "1", "--weight_decay", "0",
-            "--init_lr", "0.001", "--output_dir", str(tmp_path), "--data_path", str(data_path), "--batch_size", "4",
-            "--train_subset", "8", "--num_workers", "0", "--download", "0", "--quiet"]
+    argv = ["--random_labels_fraction", "1.0", "--method", method, "--epochs", "1", "--weight_decay", "0",
+            "--init_lr", "0.001", "--output_dir", str(tmp_path), "--data_path", str(data_path), "--batch_size", "2",
+            "--train_subset", "4", "--num_workers", "0", "--download", "0", "--quiet"]
     cli.main(cifar, GEN_MASK_FLAGS, "gen_mask", argv)
     density = check_records(tmp_path, 1)[0]["mask_density"]
     # The mean is one plain backward pass: every coordinate is kept.
@@ -130,7 +130,7 @@ def test_missing_data_is_a_one_line_error(tmp_path, package):
         cli.main(cifar, flags, package, and_mask_argv(tmp_path / "empty", tmp_path / "run"))
 
 
-@pytest.mark.parametrize("change", [["--batch_size", "9"], ["--output_dir", None], ["--random_labels_fraction", "1.5"],
+@pytest.mark.parametrize("change", [["--batch_size", "5"], ["--output_dir", None], ["--random_labels_fraction", "1.5"],
                                     ["--weight_decay_order", "middle"]])
 def test_bad_flags_are_argparse_errors(tmp_path, change, capsys):
     argv = set_flag(and_mask_argv(tmp_path, tmp_path / "run"), *change)

@@ -147,6 +147,8 @@ def plot_basins(args, landscape, method, hparams, lr, minima):
     repeats = args.repeats if args.noise > 0 else 1  # without noise every repeat is the same run
     fractions = basin_map(method, hparams, landscape, minima, args.basin_grid, repeats, args.steps, lr,
                           args.momentum, args.noise, args.seed, args.radius).numpy()
+    overall = ", ".join(f"{kind} {fraction.mean():.3f}" for kind, fraction in zip(KINDS, fractions))
+    print(f"basins of {method_label(method, hparams)}, fraction of all runs: {overall}")
     xs, ys, points = _grid(landscape)
     summed = env_losses(landscape, points).sum(1).reshape(len(ys), len(xs)).numpy()
     fig, axes = figure(1, 3, f"{landscape.name}: where {method_label(method, hparams)} ends\n"
@@ -187,6 +189,8 @@ def main(argv=None) -> list:
     landscape = LANDSCAPES[args.landscape]
     lr = args.lr or default_lr(landscape)
     minima = find_minima(landscape, lr, radius=args.radius)
+    for minimum in minima:
+        print(f"{minimum.kind} minimum of {minimum.source} at ({minimum.point[0]:.3f}, {minimum.point[1]:.3f})")
     written = []
     if "fields" in args.figures:
         written += plot_fields(args, landscape, method, hparams, lr, minima)

@@ -3,7 +3,7 @@
 table.md: one row per method, one column per training size, mean ± standard deviation (over
 trials, ddof = 1) of the error, and a last row with the optimal invariant error.
 error_vs_n.png: error against n (log scale), one line per method with ± std bars, the optimum
-dashed.
+dashed; the SEMs' error axis is logarithmic above 1e-2 and linear below.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def plot(records: list[dict], is_sem: bool, title: str, path):
     import matplotlib.pyplot as plt
 
     methods, sizes, errors, optima = summarise(records)
-    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    palette = plt.get_cmap("tab20").colors
+    colours = palette[0::2] + palette[1::2]  # the ten strong colours first, then their light pairs
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     for i, method in enumerate(methods):
         ns = [n for n in sizes if errors.get((method, n))]
@@ -68,8 +69,9 @@ def plot(records: list[dict], is_sem: bool, title: str, path):
                     capsize=2, lw=1.2)
     ax.plot(sizes, [optima[n] for n in sizes], "k--", lw=1.5, label="optimum")
     ax.set_xscale("log")
-    if is_sem:
-        ax.set_yscale("symlog", linthresh=1e-3)
+    if is_sem:  # errors span 1e-2 to 2; linear below 1e-2 so that an optimum of 0 stays visible
+        ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("n per environment" if is_sem else "n (training images)")
     ax.set_ylabel(METRIC[is_sem])
     ax.set_title(title)

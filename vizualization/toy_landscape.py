@@ -188,7 +188,8 @@ def main(argv=None) -> list:
     method, hparams = METHOD_FLAGS.resolve(args, parser)
     landscape = LANDSCAPES[args.landscape]
     lr = args.lr or default_lr(landscape)
-    minima = find_minima(landscape, lr, radius=args.radius)
+    # The minima are a property of the landscape: search them with the stable default step.
+    minima = find_minima(landscape, default_lr(landscape), radius=args.radius)
     for minimum in minima:
         print(f"{minimum.kind} minimum of {minimum.source} at ({minimum.point[0]:.3f}, {minimum.point[1]:.3f})")
     written = []

@@ -1,7 +1,8 @@
 """Table and plot of a sweep, read from its results.jsonl (never retrains).
 
 table.md: one row per method, one column per training size, mean ± standard deviation (over
-trials, ddof = 1) of the error, and a last row with the optimal invariant error.
+trials, ddof = 1; the mean alone for a single trial) of the error, and a last row with the
+optimal invariant error.
 error_vs_n.png: error against n (log scale), one line per method with ± std bars, the optimum
 dashed; the SEMs' error axis is logarithmic above 1e-2 and linear below.
 """
@@ -43,13 +44,14 @@ def format_table(records: list[dict], is_sem: bool, digits: int = 3) -> str:
             values = errors.get((method, n))
             if values:
                 mean, std = _mean_std(values)
-                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}")
             else:
                 cells.append("–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("| optimum | " + " | ".join(f"{optima[n]:.{digits}f}" for n in sizes) + " |")
     trials = sorted({len(v) for v in errors.values()})
-    return "\n".join(lines) + f"\n\n{METRIC[is_sem]}, mean ± std over {'/'.join(map(str, trials))} trials.\n"
+    spread = "one trial" if trials == [1] else f"mean ± std over {'/'.join(map(str, trials))} trials"
+    return "\n".join(lines) + f"\n\n{METRIC[is_sem]}, {spread}.\n"
 
 
 def plot(records: list[dict], is_sem: bool, title: str, path):

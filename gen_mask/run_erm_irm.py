@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from and_mask.core.cli import non_negative_float, positive_float, positive_int
+from and_mask.core.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from and_mask.core.errors import RunError
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "environments (default 1000,5000,10000,30000,60000)")
     parser.add_argument("--trials", type=positive_int, default=None, help="trials per size (default SEM 25, CMNIST 10)")
     parser.add_argument("--out", required=True, help="folder for results.jsonl, table.md, error_vs_n.png")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; trial t of size n draws from (seed, t, n)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="base seed; trial t of size n draws from (seed, t, n)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="Adam steps of every method, IRM's warm-up included (default SEM 2000, CMNIST 1000)")
-    parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (default SEM 1e-2, CMNIST 4.9e-4)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="Adam learning rate (default SEM 1e-2, CMNIST 4.9e-4)")
     parser.add_argument("--l2", type=non_negative_float, default=None,
                         help="coefficient of l2·‖θ‖² (default SEM 0, CMNIST 1.1e-3)")
     parser.add_argument("--batch_size", type=positive_int, default=512,

@@ -3,7 +3,7 @@
 Why the sweep does not use `and_mask.core.training.Trainer`: the Trainer is built for one long
 run (per-epoch evaluation, metrics files, checkpoints and weight files in an output folder). The
 benchmark makes hundreds of short fits whose only output is one number each, and it must fit
-several models side by side (the 25 trials of a SEM at once, the IRM penalty-weight candidates
+several models side by side (all (n, trial) pairs of a SEM at once, the IRM penalty-weight candidates
 branching from one shared warm-up), which the Trainer cannot express. What matters for the
 comparison is shared with it: combiner methods take their per-environment gradients from
 `per_env_grads` and combine them with `apply_combiner`; every method steps torch's Adam.
@@ -60,8 +60,8 @@ def check_methods(names: list[str]) -> str | None:
 
 
 def trial_seed(*keys: int) -> int:
-    """A 32-bit seed derived from integer keys (seed, trial, n, ...), independent across keys."""
-    return int(np.random.SeedSequence([abs(int(k)) for k in keys]).generate_state(1)[0])
+    """A 32-bit seed derived from non-negative integer keys (seed, trial, n, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 @dataclass
@@ -69,7 +69,7 @@ class FitConfig:
     steps: int  # optimiser steps of every method (IRM: per candidate weight, warm-up included)
     lr: float  # Adam learning rate
     l2: float  # coefficient of l2·‖θ‖²
-    penalty_weights: tuple  # IRM candidates λ
+    penalty_weights: tuple  # IRM candidates λ, increasing
     anneal_steps: int  # IRM warm-up steps with penalty weight 1
 
 
@@ -127,7 +127,8 @@ def _step(problem: Problem, model, optimizer, step, method, config, weights=None
     l2_term = config.l2 * problem.squared_norm(model) if config.l2 > 0 else 0.0
     if method in BASELINES:
         output = model(inputs)
-        outs, targets = output.view(problem.n_envs, -1, *output.shape[1:]), target.view(problem.n_envs, -1, *target.shape[1:])
+        outs = output.view(problem.n_envs, -1, *output.shape[1:])  # (E, B, *M)
+        targets = target.view(problem.n_envs, -1, *target.shape[1:])
         risks = torch.stack([problem.risk(o, t) for o, t in zip(outs, targets)])
         if method == "erm":
             loss = risks.mean(0) + l2_term

@@ -29,24 +29,21 @@ DEFAULTS = {
 }
 
 
-def int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}")
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text}")
-    return sorted(set(values))
+def positive_list(cast, what):
+    """argparse type: comma-separated positive values, sorted, without repeats."""
+    def parse(text):
+        try:
+            values = [cast(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {what}, got {text}")
+        return tuple(sorted(set(values)))
+    return parse
 
 
-def weight_list(text):
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text}")
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text}")
-    return tuple(sorted(set(values)))
+int_list = positive_list(int, "integers")
+weight_list = positive_list(float, "numbers")
 
 
 def val_fraction(text):

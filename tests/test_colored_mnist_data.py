@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from and_mask.core.errors import DataNotFoundError
 from and_mask.datasets import colored_mnist as cm
@@ -22,12 +21,7 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Make torchvision's download fail as it does without a network, whatever the machine allows."""
-    def no_network(self):
-        raise RuntimeError("Error downloading: no network")
-    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def test_load_mnist_reads_the_idx_files(data_root):

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torchvision
 
 from and_mask.and_mask_utils import METHOD_FLAGS as AND_MASK_FLAGS
 from and_mask import and_mask_utils
@@ -27,11 +26,7 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    def no_network(self):
-        raise RuntimeError("Error downloading: no network")
-    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def parse(package, argv):

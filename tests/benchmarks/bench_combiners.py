@@ -16,11 +16,9 @@ import torch.nn.functional as F
 
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_grads import per_env_grads
-from and_mask.datasets.synthetic import get_spirals_dataset
 from and_mask.models import MLP
+from bench_align_weights import BATCH, HIDDEN, LAYERS, N_DIMS, N_ENVS, batches  # same model and data
 from gen_mask.gen_mask_utils import COMBINERS
-
-N_ENVS, BATCH, N_DIMS, HIDDEN, LAYERS = 16, 256, 8, 256, 3
 
 
 def main():
@@ -32,9 +30,7 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MLP(2 + N_DIMS, HIDDEN, LAYERS, 1)
-    data = [get_spirals_dataset(BATCH, 3, e, N_ENVS, N_DIMS, seed=e) for e in range(N_ENVS)]
-    inputs = torch.cat([torch.from_numpy(x) for x, _ in data])
-    target = torch.cat([torch.from_numpy(y) for _, y in data])
+    inputs, target = next(batches(1))
 
     def grads_step():
         return per_env_grads(model, inputs, target, F.binary_cross_entropy_with_logits, N_ENVS).grads

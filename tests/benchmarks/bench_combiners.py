@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.models import MLP
-from bench_align_weights import BATCH, HIDDEN, LAYERS, N_DIMS, N_ENVS, batches  # same model and data
+from bench_align_weights import HIDDEN, LAYERS, N_DIMS, N_ENVS, batches  # same model and data
 from gen_mask.gen_mask_utils import COMBINERS
 
 

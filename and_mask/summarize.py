@@ -1,8 +1,11 @@
-"""python -m and_mask.summarize RUN_DIR [RUN_DIR ...]: a markdown table of final accuracies.
+"""python -m and_mask.summarize RUNS [RUNS ...]: a Markdown table of finished runs, one row per setting.
 
-Runs are grouped by the flags that differ between them, ignoring --seed and --output_dir, so the
-seeds of one configuration form one row: mean ± std (over seeds) of every final accuracy, and
-of the last epoch's running training accuracy. Reads only config.json and metrics.jsonl.
+Each RUNS is a run folder or a folder holding run folders (found by their config.json). Runs
+are grouped by their flags minus the seed, output and device flags, so the seeds of one setting
+form one row: mean ± std over seeds of every final accuracy, of the last epoch's running
+training accuracy and mask density (mean over parameter tensors), and the mean seconds per
+epoch. Reads only config.json and metrics.jsonl, never retrains; unfinished runs are listed on
+stderr and left out.
 """
 from __future__ import annotations
 
@@ -11,59 +14,76 @@ import statistics
 import sys
 from pathlib import Path
 
-from and_mask.core.runlog import read_config, read_metrics
+from and_mask.core.runlog import CONFIG, read_config, read_metrics
 
-IGNORED = {"seed", "output_dir", "quiet", "resume", "use_cuda", "num_workers"}
+IGNORED = {"seed", "output_dir", "resume", "quiet", "use_cuda", "grad_engine", "grad_chunk_size", "num_workers"}
 
 
-def load_runs(run_dirs):
-    runs = []
-    for run_dir in run_dirs:
-        records = read_metrics(run_dir)
-        final = [r for r in records if r.get("phase") == "final"]
+def mean_std(values, scale=100.0, digits=1):
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def find_runs(paths) -> list[Path]:
+    return sorted({config.parent for path in paths for config in Path(path).rglob(CONFIG)})
+
+
+def summarize(run_dirs):
+    """{flag items: [per-run numbers]} for the finished runs, and the list of unfinished ones."""
+    groups, unfinished = {}, []
+    for run in run_dirs:
+        records = read_metrics(run)
         epochs = [r for r in records if r.get("phase") == "epoch"]
-        if not final or not epochs:
-            print(f"skipping {run_dir}: the run did not finish", file=sys.stderr)
+        if not epochs or records[-1].get("phase") != "final":
+            unfinished.append(str(run))
             continue
-        values = {k: v for k, v in final[-1].items() if k.endswith("_acc")}
-        values["train_acc (running)"] = epochs[-1]["train_acc"]
-        runs.append((read_config(run_dir)["flags"], values))
-    return runs
+        flags = read_config(run)["flags"]
+        key = tuple(sorted((k, v) for k, v in flags.items() if k not in IGNORED))
+        densities = list(epochs[-1]["mask_density"].values())
+        numbers = {f"final {k[:-4]} acc (%)": v for k, v in records[-1].items() if k.endswith("_acc")}
+        numbers.update({"last-epoch train acc (%)": epochs[-1]["train_acc"],
+                        "mask density": sum(densities) / len(densities),
+                        "s/epoch": statistics.fmean(r["seconds"] for r in epochs)})
+        groups.setdefault(key, []).append(numbers)
+    return groups, unfinished
 
 
-def mean_std(values):
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def table(runs) -> str:
-    keys = sorted({k for flags, _ in runs for k in flags} - IGNORED)
-    varying = [k for k in keys if len({repr(flags.get(k)) for flags, _ in runs}) > 1]
-    groups = {}
-    for flags, values in runs:
-        groups.setdefault(tuple(flags.get(k) for k in varying), []).append(values)
-    columns = sorted({c for _, values in runs for c in values})
-    lines = ["| " + " | ".join(varying + [f"{c} %" for c in columns] + ["seeds"]) + " |",
-             "|" + "---|" * (len(varying) + len(columns) + 1)]
-    for group, members in groups.items():
-        cells = [str(v) for v in group]
-        cells += [mean_std([m[c] for m in members if c in m]) for c in columns]
-        lines.append("| " + " | ".join(cells + [str(len(members))]) + " |")
+def table(groups) -> str:
+    common = set.intersection(*(set(key) for key in groups))
+    columns = list(dict.fromkeys(c for runs in groups.values() for numbers in runs for c in numbers))
+    lines = ["| method | other flags | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for key, runs in sorted(groups.items(), key=lambda item: str(dict(item[0]).get("method"))):
+        flags = dict(key)
+        other = " ".join(f"--{k} {v}" for k, v in sorted(set(key) - common, key=str)
+                         if k != "method" and v is not None) or "defaults"
+        cells = []
+        for column in columns:
+            values = [numbers[column] for numbers in runs if column in numbers]
+            if column == "s/epoch":
+                cells.append(f"{statistics.fmean(values):.1f}")
+            else:
+                cells.append(mean_std(values, 1, 2) if column == "mask density" else mean_std(values))
+        lines.append(f"| {flags.get('method')} | {other} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m and_mask.summarize", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding run folders")
     args = parser.parse_args(argv)
-    missing = [str(d) for d in args.run_dirs if not (d / "config.json").exists()]
+    missing = [str(p) for p in args.runs if not p.is_dir()]
     if missing:
-        parser.error(f"not a run folder (no config.json): {', '.join(missing)}")
-    runs = load_runs(args.run_dirs)
-    if not runs:
+        parser.error(f"no such folder: {', '.join(missing)}")
+    run_dirs = find_runs(args.runs)
+    if not run_dirs:
+        parser.error(f"no run folder (with a {CONFIG}) under {', '.join(map(str, args.runs))}")
+    groups, unfinished = summarize(run_dirs)
+    for run in unfinished:
+        print(f"(unfinished, left out: {run})", file=sys.stderr)
+    if not groups:
         parser.error("no finished run among the given folders")
-    print(table(runs))
+    print(table(groups))
 
 
 if __name__ == "__main__":

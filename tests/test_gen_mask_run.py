@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from and_mask.models import MLP
-from gen_mask import run_synthetic, summarize
+from and_mask import summarize
+from gen_mask import run_synthetic
 from gen_mask.gen_mask_utils import COMBINERS, get_grads, get_grads_from_model
 
 ROOT = Path(__file__).resolve().parents[1]

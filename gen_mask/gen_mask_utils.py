@@ -233,7 +233,8 @@ def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", 
                          **hyperparameters):
     """Same as `get_grads` but starting from the model, so the fast engines can be used."""
     combiner = COMBINERS[method]
-    result = per_env_grads(model, inputs, target, loss_fn, n_envs, engine=engine, chunk_size=chunk_size)
+    result = per_env_grads(model, inputs, target, loss_fn, n_envs, engine=engine, chunk_size=chunk_size,
+                           accepts_outer=True)
     params = [p for p in model.parameters() if p.requires_grad]
     return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters)
 

@@ -50,6 +50,23 @@ def test_get_grads_and_the_model_entry_point_agree(name):
     assert len(diagnostics) == len(params)
 
 
+@pytest.mark.parametrize("name", sorted(COMBINERS))
+def test_per_example_environments_through_the_outer_engine_agree_with_the_loop(name):
+    """One example per environment: the outer engine's factored gradients, materialised or not."""
+    model, inputs, target = tiny_problem()
+    params = list(model.parameters())
+    n_examples = N_ENVS * BATCH
+    torch.manual_seed(1)
+    get_grads(1, n_examples, F.binary_cross_entropy_with_logits, params, model(inputs), target, method=name,
+              engine="loop")
+    reference = [p.grad.clone() for p in params]
+    torch.manual_seed(1)
+    get_grads_from_model(model, inputs, target, F.binary_cross_entropy_with_logits, n_examples, method=name,
+                         engine="outer")
+    for a, p in zip(reference, params):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+
+
 def test_get_grads_mean_is_the_gradient_of_the_mean_loss():
     model, inputs, target = tiny_problem()
     params = list(model.parameters())

@@ -10,8 +10,7 @@ one process, so machine noise affects them alike; the ratios are what to compare
     python tests/benchmarks/bench_cifar_grads.py [--batch_size 8] [--chunk_size 4] [--repeats 5] [--device cpu]
 """
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from and_mask.core.combiners import apply_combiner
 from and_mask.core.optim import AdamFlexibleWeightDecay
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.models import FastResnet
+from timing import interleaved_medians, print_ratios
 
 HPARAMS = {"agreement_threshold": 0.2, "scale_grad_inverse_sparsity": 1}
 
@@ -40,11 +40,6 @@ def masked_step(engine, chunk_size=None):
             p.grad = g
         opt.step()
     return step
-
-
-def synchronise(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():
@@ -67,25 +62,13 @@ def main():
     steps = {"plain (tau=0)": plain_step, "loop": masked_step("loop"), "shared": masked_step("shared"),
              f"shared, chunks of {args.chunk_size}": masked_step("shared", args.chunk_size),
              "vmap (opt-in)": masked_step("vmap")}
-    times = {name: [] for name in steps}
-    for step in steps.values():  # warm-up
-        step(model, opt, x, y)
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            synchronise(device)
-            start = time.perf_counter()
-            step(model, opt, x, y)
-            synchronise(device)
-            times[name].append(time.perf_counter() - start)
-    loop = statistics.median(times["loop"])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    medians = interleaved_medians({name: partial(step, model, opt, x, y) for name, step in steps.items()},
+                                  args.repeats, warmup=1, synchronise=sync)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, FastResnet, batch {args.batch_size} (one environment per "
           f"example), median of {args.repeats}")
-    print(f"{'step':<22}{'s':>9}{'x loop':>9}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<22}{median:>9.3f}{median / loop:>9.2f}")
-
+    print_ratios(medians, "loop", unit="s")
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,7 @@ in one process with interleaved repeats, so machine noise affects all engines al
     python tests/benchmarks/bench_grads.py [--repeats 30] [--threads N]
 """
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from and_mask.and_mask_utils import AND_MASK
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
 from and_mask.models import MLP
+from timing import interleaved_medians, print_ratios
 
 N_ENVS, BATCH, N_DIMS, HIDDEN, LAYERS = 16, 256, 8, 256, 3
 HPARAMS = {"agreement_threshold": 1.0, "scale_grad_inverse_sparsity": 1}
@@ -53,23 +53,11 @@ def main():
     y = torch.randint(0, 2, (N_ENVS * BATCH,)).float()
     steps = {"plain": plain_step, **{f"auto ({engine})" if engine == "vmap" else engine: masked_step(engine)
                                      for engine in ("vmap", "shared", "loop")}}
-    times = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up
-        for _ in range(3):
-            step(model, opt, x, y)
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(model, opt, x, y)
-            times[name].append(time.perf_counter() - start)
-    plain = statistics.median(times["plain"])
+    medians = interleaved_medians({name: partial(step, model, opt, x, y) for name, step in steps.items()},
+                                  args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {N_ENVS} envs x {BATCH} examples, "
           f"MLP {LAYERS}x{HIDDEN}, median of {args.repeats}")
-    print(f"{'step':<14}{'ms':>9}{'x plain':>10}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<14}{1000 * median:>9.2f}{median / plain:>10.2f}")
-
+    print_ratios(medians, "plain")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install test test-slow bench quickstart
+.PHONY: install test bench
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -8,9 +8,6 @@ install:
 
 test:
 	OMP_NUM_THREADS=2 $(PYTHON) -m pytest -q
-
-test-slow:
-	$(PYTHON) -m pytest -q -m slow
 
 bench:
 	$(PYTHON) tests/benchmarks/bench_grads.py

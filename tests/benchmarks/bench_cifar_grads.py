@@ -15,12 +15,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from and_mask.and_mask_utils import AND_MASK
-from and_mask.core.combiners import apply_combiner
 from and_mask.core.optim import AdamFlexibleWeightDecay
-from and_mask.core.per_env_grads import per_env_grads
 from and_mask.models import FastResnet
-from timing import interleaved_medians, print_ratios
+from timing import and_mask_step, interleaved_medians, print_ratios
 
 HPARAMS = {"agreement_threshold": 0.2, "scale_grad_inverse_sparsity": 1}
 
@@ -32,14 +29,7 @@ def plain_step(model, opt, x, y):
 
 
 def masked_step(engine, chunk_size=None):
-    def step(model, opt, x, y):
-        opt.zero_grad(set_to_none=True)
-        result = per_env_grads(model, x, y, F.cross_entropy, x.shape[0], engine=engine, chunk_size=chunk_size)
-        combined, _ = apply_combiner(AND_MASK, result.grads, HPARAMS)
-        for p, g in zip(model.parameters(), combined):
-            p.grad = g
-        opt.step()
-    return step
+    return and_mask_step(engine, F.cross_entropy, HPARAMS, chunk_size=chunk_size)
 
 
 def main():

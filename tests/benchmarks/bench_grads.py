@@ -12,11 +12,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from and_mask.and_mask_utils import AND_MASK
-from and_mask.core.combiners import apply_combiner
-from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
+from and_mask.core.per_env_grads import env_losses_from_output
 from and_mask.models import MLP
-from timing import interleaved_medians, print_ratios
+from timing import and_mask_step, interleaved_medians, print_ratios
 
 N_ENVS, BATCH, N_DIMS, HIDDEN, LAYERS = 16, 256, 8, 256, 3
 HPARAMS = {"agreement_threshold": 1.0, "scale_grad_inverse_sparsity": 1}
@@ -29,14 +27,7 @@ def plain_step(model, opt, x, y):
 
 
 def masked_step(engine):
-    def step(model, opt, x, y):
-        opt.zero_grad(set_to_none=True)
-        result = per_env_grads(model, x, y, F.binary_cross_entropy_with_logits, N_ENVS, engine=engine)
-        combined, _ = apply_combiner(AND_MASK, result.grads, HPARAMS)
-        for p, g in zip(model.parameters(), combined):
-            p.grad = g
-        opt.step()
-    return step
+    return and_mask_step(engine, F.binary_cross_entropy_with_logits, HPARAMS, N_ENVS)
 
 
 def main():

@@ -6,6 +6,24 @@ machine affects all steps alike; the ratios to a reference step are what to comp
 import statistics
 import time
 
+from and_mask.and_mask_utils import AND_MASK
+from and_mask.core.combiners import apply_combiner
+from and_mask.core.per_env_grads import per_env_grads
+
+
+def and_mask_step(engine, loss_fn, hparams, n_envs=None, chunk_size=None):
+    """A training step: per-environment gradients (`engine`), AND-mask, optimiser step.
+
+    `n_envs` None makes every example its own environment."""
+    def step(model, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        result = per_env_grads(model, x, y, loss_fn, n_envs or x.shape[0], engine=engine, chunk_size=chunk_size)
+        combined, _ = apply_combiner(AND_MASK, result.grads, hparams)
+        for p, g in zip(model.parameters(), combined):
+            p.grad = g
+        opt.step()
+    return step
+
 
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3, synchronise=lambda: None) -> dict:
     """Median seconds of each zero-argument callable in `steps` over `repeats` interleaved runs."""

@@ -4,6 +4,11 @@ from and_mask.experiments import synthetic
 from gen_mask.gen_mask_utils import METHOD_FLAGS
 
 
+def build_parser():
+    """The argparse parser of this entry point (built when called, so plugins registered before count)."""
+    return cli.build_parser(synthetic, METHOD_FLAGS, "gen_mask")
+
+
 def main(argv=None) -> dict:
     """Parse the flags (`argv`, else the command line), train, return the final evaluation.
 

@@ -139,7 +139,7 @@ def plot_plane(args, coords, losses):
     return save(fig, args, "plane")
 
 
-def main(argv=None) -> list:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vizualization.loss_landscape",
                                      description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--run", required=True, help="output folder of a training run (config.json and weights)")
@@ -151,7 +151,11 @@ def main(argv=None) -> list:
                         help="examples of each training environment evaluated at every point (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     add_output_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> list:
+    args = build_parser().parse_args(argv)
     for name in (INIT, FINAL, "config.json"):
         if not (Path(args.run) / name).exists():
             raise RunError(f"{args.run} has no {name}; loss landscapes need a finished run's folder")

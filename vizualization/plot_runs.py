@@ -144,12 +144,16 @@ def plot_mask_density(args, groups):
     return save(fig, args, "mask_density")
 
 
-def main(argv=None) -> list:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vizualization.plot_runs",
                                      description=(__doc__ or "").strip().splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of training runs")
     add_output_flags(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> list:
+    args = build_parser().parse_args(argv)
     groups = group_runs([load_run(path) for path in args.runs])
     written = (plot_metric(args, groups, "_acc", "accuracy", "accuracy")
                + plot_metric(args, groups, "_loss", "loss", "loss")

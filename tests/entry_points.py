@@ -1,0 +1,25 @@
+"""Every command-line entry point of the project: `python -m <module>`, each with `build_parser()`.
+
+Tests that check all entry points (flag validation, help defaults, README commands) take the list
+from here; `test_entry_points.py` fails when a module with a `__main__` block is missing from it.
+"""
+import importlib
+
+ENTRY_POINTS = (
+    "and_mask.run_synthetic",
+    "and_mask.run_colored_mnist",
+    "and_mask.run_cifar",
+    "and_mask.summarize",
+    "gen_mask.run_synthetic",
+    "gen_mask.run_colored_mnist",
+    "gen_mask.run_cifar",
+    "gen_mask.run_erm_irm",
+    "vizualization.toy_landscape",
+    "vizualization.plot_runs",
+    "vizualization.loss_landscape",
+)
+
+
+def parser_of(module: str):
+    """The argparse parser of an entry module."""
+    return importlib.import_module(module).build_parser()

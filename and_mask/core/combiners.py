@@ -6,6 +6,11 @@ whole model stacked as (E, P) (scope "model"), plus its hyper-parameters, and re
 combined gradient (shape `*shape`, resp. (P,)) and a small dict of diagnostics. A diagnostic
 named "mask" (a float tensor of the gradient's shape) is reported as the mask density of that
 tensor. Writing `param.grad` happens in one place, `apply_combiner`'s caller.
+
+A tensor-scope combiner may declare a `SumRule`: the rule is then computed from per-coordinate
+sums over environments, which lets the environments of a step be split across processes (each
+sums over its own, the sums are added up across processes, see `and_mask.core.env_split`).
+A combiner that declares nothing is computed from all the per-environment gradients.
 """
 from __future__ import annotations
 
@@ -47,6 +52,38 @@ class HParam:
 
 
 @dataclass(frozen=True)
+class SumRule:
+    """A combiner computed from per-coordinate sums over environments, S = Σ_e f(g_e).
+
+    `rounds` are computed in turn, each `round(grads, totals) -> {name: sum over the environments
+    of grads}` with grads of shape (E, *shape) (or OuterProducts, by `outer_rounds`); `totals`
+    holds the sums of the earlier rounds over ALL environments and "n_envs", the number of them
+    (a variance needs the mean first). `finish(totals, **hparams) -> (combined, diagnostics)`.
+    The sums named in `counts` are integers in [−E, E] (counts of signs).
+    """
+
+    rounds: tuple[Callable, ...]
+    finish: Callable
+    outer_rounds: tuple[Callable, ...] | None = None
+    counts: tuple[str, ...] = ()
+
+    def round_sums(self, index: int, grads, totals: dict) -> dict:
+        """Round `index`'s sums over the environments of `grads` (materialised if the rule has no outer round)."""
+        if isinstance(grads, OuterProducts):
+            if self.outer_rounds is not None:
+                return self.outer_rounds[index](grads, totals)
+            grads = grads.materialize()
+        return self.rounds[index](grads, totals)
+
+    def combine(self, grads, **hparams):
+        """The combined gradient of one tensor's (E, *shape) gradients, all environments at hand."""
+        totals = {"n_envs": grads.shape[0]}
+        for index in range(len(self.rounds)):
+            totals.update(self.round_sums(index, grads, totals))
+        return self.finish(totals, **hparams)
+
+
+@dataclass(frozen=True)
 class Combiner:
     """A named combination rule. `fn(grads, **hparams) -> (combined, diagnostics)`."""
 
@@ -63,6 +100,8 @@ class Combiner:
     # Optional fast rule for per-example Linear-weight gradients given as OuterProducts
     # (G[i] = δ_i x_iᵀ); it must equal `fn` on the materialised (N, out, in) tensor.
     outer: Callable | None = None
+    # Optional: the rule as a function of sums over environments (tensor scope only).
+    sums: SumRule | None = None
 
     @property
     def summary(self) -> str:
@@ -82,18 +121,21 @@ class CombinerRegistry(dict):
     def add(self, combiner: Combiner) -> Combiner:
         if combiner.scope not in SCOPES:
             raise ValueError(f"combiner scope must be one of {SCOPES}, got {combiner.scope!r}")
+        if combiner.sums is not None and combiner.scope != "tensor":
+            raise ValueError(f"combiner '{combiner.name}': only a tensor-scope rule can be a SumRule")
         if combiner.name in self:
             raise ValueError(f"a combiner named '{combiner.name}' is already registered")
         self[combiner.name] = combiner
         return combiner
 
-    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None, keeps_consensus=True):
+    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None, keeps_consensus=True,
+                 sums: SumRule | None = None):
         """Decorator: `@COMBINERS.register("my_rule", hparams=[HParam(...)])` on `fn(grads, **hp)`."""
 
         def decorate(fn):
             extra = {} if reduces_to_mean is None else {"reduces_to_mean": reduces_to_mean}
             self.add(Combiner(name=name, fn=fn, scope=scope, hparams=tuple(hparams), keeps_consensus=keeps_consensus,
-                              **extra))
+                              sums=sums, **extra))
             return fn
 
         return decorate

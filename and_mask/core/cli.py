@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from and_mask.core import distributed
+from and_mask.core.env_split import DIST_BN, EnvSplit
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runlog import RunLog, default_output_dir
 from and_mask.core.errors import RunError
@@ -158,7 +160,25 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_re
     group.add_argument("--resume", action="store_true",
                        help="Continue the run in --output_dir from its last end-of-epoch checkpoint.")
     group.add_argument("--quiet", action="store_true", help="Print no progress bars and no per-epoch lines.")
+    add_dist_flags(parser)
     parser.set_defaults(**defaults)
+
+
+def add_dist_flags(parser: argparse.ArgumentParser):
+    """Flags of a run split across processes by torchrun (and_mask.core.env_split); a single process ignores them."""
+    group = parser.add_argument_group("processes (under torchrun: the environments of each step are split across "
+                                      "the processes)")
+    group.add_argument("--dist_bn", choices=DIST_BN, default="exact",
+                       help="BatchNorm (and dropout) with several processes. exact: every process forwards the whole "
+                            "batch, so the batch statistics are those of one process, and back-propagates only its "
+                            "environments' losses. local: every process forwards only its own examples and normalises "
+                            "them with their own statistics, as DistributedDataParallel does: a different model.")
+    group.add_argument("--dist_check_every", type=non_negative_int, default=0,
+                       help="Debugging aid: every N steps, compare the parameters of all processes and stop if they "
+                            "differ; 0 never compares.")
+    group.add_argument("--dist_gather_warn_mb", type=positive_float, default=1024.0,
+                       help="Warn when a combiner that is not a sum over environments makes every process gather "
+                            "more than this many megabytes of per-environment gradients per step.")
 
 
 def resolve_device(parser, use_cuda: str) -> torch.device:
@@ -192,22 +212,43 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
     if args.resume and args.output_dir is None:
         parser.error("--resume needs the --output_dir of the run to continue")
     device = resolve_device(parser, args.use_cuda)
+    world = join_world(parser, device)
+    with distributed.stop_together(world):
+        return _train(experiment, combiner, hparams, args, package, world)
+
+
+def join_world(parser, device: torch.device) -> distributed.World:
+    """This process's World: one process, or a rank of the run torchrun (or SLURM) started."""
+    try:
+        return distributed.init_world(device.type == "cuda")
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _train(experiment, combiner, hparams, args, package, world) -> dict:
     seed_everything(args.seed)
-    output_dir = args.output_dir or default_output_dir(f"{package}-{experiment.NAME}-{args.method}")
+    # Rank 0 owns the run folder; every rank writes its name in messages.
+    output_dir = world.broadcast_object(args.output_dir or default_output_dir(
+        f"{package}-{experiment.NAME}-{args.method}"))
     runlog = None
     try:
-        runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
-        setup = experiment.build(args, device)
-        trainer = Trainer(setup, combiner, hparams, runlog, device, engine=args.grad_engine,
+        if world.is_leader:
+            runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
+        runlog = distributed.rank_runlog(world, runlog, output_dir)
+        with distributed.leader_first(world):  # rank 0 downloads or prepares the data before the others read it
+            setup = experiment.build(args, world.device)
+        split = EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb)
+        trainer = Trainer(setup, combiner, hparams, runlog, world.device, engine=args.grad_engine,
                           chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
-                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
+                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet or not world.is_leader, split=split)
         final = trainer.run(resume=args.resume)
     except RunError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        where = f"; metrics and the last checkpoint are kept in {runlog.dir}" if runlog else ""
+        where = f"; metrics and the last checkpoint are kept in {output_dir}" if runlog else ""
         sys.exit(f"interrupted{where}")
-    print(f"final: {format_record(final)}  (outputs in {runlog.dir})")
+    if world.is_leader:
+        print(f"final: {format_record(final)}  (outputs in {output_dir})")
     return final
 
 

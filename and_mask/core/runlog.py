@@ -110,10 +110,21 @@ class RunLog:
         if not path.exists():
             return None
         state = torch.load(path, map_location=map_location, weights_only=False)
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(state["rng"])
         return state
+
+
+def restore_rng(rng: dict, cuda_device: torch.device | None = None):
+    """Set the random number generators to the states a checkpoint saved.
+
+    With `cuda_device` (a rank of a run split across GPUs, whose checkpoint rank 0 saved on GPU
+    0), only that device's generator is set, to the state of GPU 0.
+    """
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        if cuda_device is not None and cuda_device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][0], cuda_device)
+        else:
+            torch.cuda.set_rng_state_all(rng["cuda"])

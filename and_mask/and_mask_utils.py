@@ -35,7 +35,7 @@ def sign_sum(grads: torch.Tensor) -> torch.Tensor:
     example) a full-size copy is tens of MB, and writing it, not the arithmetic, dominated the
     step. The sums are of integers and therefore identical either way.
     """
-    flat = grads.reshape(grads.shape[0], -1)
+    flat = grads.reshape(grads.shape[0], grads.shape[1:].numel())  # also for zero environments
     columns = max(1, AGREEMENT_CHUNK // max(flat.shape[0], 1))
     sums = [torch.sign(flat[:, start:start + columns]).sum(dim=0) for start in range(0, flat.shape[1], columns)]
     return torch.cat(sums).view(grads.shape[1:]) if sums else flat.sum(dim=0).view(grads.shape[1:])

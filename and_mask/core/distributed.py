@@ -236,11 +236,16 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_shared: World | None = None  # the World of `shared_world`, which every command run within it joins
+
+
 def init_world(use_cuda: bool) -> World:
     """Join the launcher's process group (NCCL on CUDA, gloo on the CPU), or a World of one process.
 
     Each rank takes the GPU cuda:LOCAL_RANK. Raises ValueError when a rank has no GPU.
     """
+    if _shared is not None:
+        return _shared
     size = launched_ranks()
     if size <= 1:
         return World(device=torch.device("cuda" if use_cuda else "cpu"))
@@ -259,6 +264,19 @@ def init_world(use_cuda: bool) -> World:
     world = World(rank, size, device, store)
     world.start_watching()
     return world
+
+
+@contextmanager
+def shared_world(use_cuda: bool = False):
+    """One process group for several commands run in turn by every rank (tests, benchmarks)."""
+    global _shared
+    world = init_world(use_cuda)
+    _shared = world
+    try:
+        yield world
+    finally:
+        _shared = None
+        world.close()
 
 
 def shard_loader(loader, world: World):
@@ -382,4 +400,5 @@ def stop_together(world: World):
                 raise SystemExit(1) from None
         raise
     finally:
-        world.close()
+        if world is not _shared:
+            world.close()

@@ -1,0 +1,151 @@
+"""Tasks that every rank of one launch runs in turn (a helper of tests/test_distributed.py, not a test).
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_tasks.py PLAN.json
+
+PLAN.json is a list of {"task": name, "args": {...}}; the tasks share one process group, so one
+start-up serves many runs. Results go to the files the arguments name (rank 0 writes them).
+The helpers used on both sides (the plugin combiner, the small models and batches) live here too.
+"""
+import importlib
+import json
+import sys
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from and_mask.core import distributed
+from and_mask.core.env_split import EnvSplit
+from and_mask.core.errors import RunError
+from and_mask.core.per_env_grads import per_env_grads
+from and_mask.core.training import Trainer
+from and_mask.models import MLP, FastResnet
+from gen_mask.gen_mask_utils import COMBINERS
+
+PLUGIN = "largest_magnitude"
+TASKS = {}
+
+
+def task(fn):
+    TASKS[fn.__name__] = fn
+    return fn
+
+
+def largest_magnitude(grads):
+    """Per coordinate, the environment's value of largest magnitude (a rule that declares no sums)."""
+    return grads.gather(0, grads.abs().argmax(dim=0, keepdim=True))[0], {}
+
+
+@contextmanager
+def plugin_registered():
+    """The plugin combiner in gen_mask's registry for the duration of the block."""
+    COMBINERS.register(PLUGIN)(largest_magnitude)
+    try:
+        yield
+    finally:
+        del COMBINERS[PLUGIN]
+
+
+def small_problem(one_example_per_env: bool):
+    """(model, inputs, target, n_envs, loss_fn): an MLP on 5 environments, or 7 one-example ones (outer engine)."""
+    torch.manual_seed(0)
+    n_envs, per_env = (7, 1) if one_example_per_env else (5, 3)
+    model = MLP(6, 8, 1, 3, False, 0.0)
+    inputs = torch.randn(n_envs * per_env, 6)
+    target = torch.randint(0, 3, (n_envs * per_env,))
+    return model, inputs, target, n_envs, F.cross_entropy
+
+
+def fastresnet_problem(images_path):
+    """(FastResnet in training mode, 8 images, their labels): every image is its own environment."""
+    images, labels = torch.load(images_path)
+    torch.manual_seed(0)
+    return FastResnet().train(), images, labels
+
+
+def _save(world, obj, path):
+    if world.is_leader:
+        torch.save(obj, path)
+
+
+@task
+def train(world, module, argv):
+    """`python -m module argv` on every rank."""
+    importlib.import_module(module).main(argv)
+
+
+@task
+def train_failing(world, module, argv, rank, epoch):
+    """A run in which `rank` raises a RunError when `epoch` starts."""
+    original = Trainer.train_epoch
+
+    def train_epoch(self, current):
+        if current == epoch and world.rank == rank:
+            raise RunError(f"planted failure on rank {rank} at epoch {epoch}")
+        return original(self, current)
+
+    Trainer.train_epoch = train_epoch
+    importlib.import_module(module).main(argv)
+
+
+@task
+def combine_every_rule(world, out, one_example_per_env):
+    """Every registered combiner's update from this rank's environments, combined across ranks."""
+    results = {}
+    with plugin_registered():
+        for name in sorted(COMBINERS):
+            model, inputs, target, n_envs, loss_fn = small_problem(one_example_per_env)
+            split = EnvSplit(world)
+            batch = split.local_batch(model, "auto", inputs, target, n_envs)
+            grads = per_env_grads(model, batch.inputs, batch.target, loss_fn, batch.n_envs, batch.engine,
+                                  accepts_outer=True, envs=batch.own).grads
+            torch.manual_seed(1)  # PCGrad's random order: the same draws as the reference
+            results[name] = split.combine(COMBINERS[name], grads, COMBINERS[name].defaults(), n_envs)[0]
+    _save(world, results, out)
+
+
+@task
+def batchnorm_grads(world, images, out):
+    """Per-example gradients of FastResnet (exact and --dist_bn local), gathered from every rank."""
+    results = {}
+    for bn in ("exact", "local"):
+        model, inputs, target = fastresnet_problem(images)
+        split = EnvSplit(world, bn=bn)
+        batch = split.local_batch(model, "shared", inputs, target, len(target))
+        grads = per_env_grads(model, batch.inputs, batch.target, F.cross_entropy, batch.n_envs, batch.engine,
+                              envs=batch.own).grads
+        results[bn] = split.gather(grads, len(target))
+    _save(world, results, out)
+
+
+@task
+def traffic(world, out):
+    """Bytes each collective carried in one training step of the small MLP, per method (see the test)."""
+    from and_mask.core.training import TrainSetup
+
+    results = {}
+    with plugin_registered():
+        for name, hparams in (("and_mask", {"agreement_threshold": 0.5}), ("geom_mean", {}), ("sand_mask", {}),
+                              ("majority_vote", {}), ("mean", {}), ("pcgrad", {}), (PLUGIN, {})):
+            for one_example_per_env in (False, True):
+                model, inputs, target, n_envs, loss_fn = small_problem(one_example_per_env)
+                setup = TrainSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, None, {}, 1)
+                combiner = COMBINERS[name]
+                trainer = Trainer(setup, combiner, {**combiner.defaults(), **hparams}, None, world.device, quiet=True,
+                                  split=EnvSplit(world))
+                world.traffic.clear()
+                trainer._step(inputs, target, n_envs)
+                results[name, one_example_per_env] = {kind: dict(v) for kind, v in world.traffic.items()}
+    _save(world, results, out)
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        plan = json.load(f)
+    with distributed.shared_world() as world:
+        for item in plan:
+            TASKS[item["task"]](world, **item["args"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Environment parallelism: runs split across 2 processes (gloo, CPU) against one process.
+
+One torchrun launch runs every 2-rank task of `distributed_tasks.py` in turn; the 1-rank
+references run in this process. The failure tests start their 2 ranks without torchrun (the
+variables a launcher exports, as the sweep launcher's SLURM tasks do), so that nothing but the
+run itself stops the other rank.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from and_mask.core.combiners import apply_combiner
+from and_mask.core.distributed import World, shard_loader
+from and_mask.core.per_env_grads import per_env_grads
+from and_mask.core.runlog import read_metrics
+from and_mask.core.training import Trainer
+from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
+from gen_mask import run_synthetic
+from gen_mask.gen_mask_utils import COMBINERS
+from distributed_tasks import PLUGIN, fastresnet_problem, plugin_registered, small_problem
+from mnist_files import write_mnist_files
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "tests" / "distributed_tasks.py"
+TIMEOUT_S = 900  # generous: two cold starts of torch on a loaded 2-core machine
+SYNTHETIC = ["--n_envs", "5", "--examples_per_env", "48", "--batch_size", "16", "--n_hidden_units", "32",
+             "--n_hidden_layers", "2", "--epochs", "3", "--n_test", "200", "--quiet"]
+METHODS = {"and_mask": ["--agreement_threshold", "0.6"], "geom_mean": ["--agreement_threshold", "0.6"], "mean": [],
+           "pcgrad": [], "mgda": []}
+RESUMED = "and_mask"  # the method of the runs resumed with another number of ranks
+
+
+def argv(method, output_dir, *extra):
+    return ["--method", method, *METHODS[method], *SYNTHETIC, "--output_dir", str(output_dir), *extra]
+
+
+def environment(**extra):
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+
+
+def plan_file(path, plan):
+    path.write_text(json.dumps(plan))
+    return str(path)
+
+
+def fashion_mnist_images(tmp_path):
+    """8 Fashion-MNIST test images as run_cifar sees them (the Debian package's, else tiny stand-ins)."""
+    try:
+        images, labels = fashion_mnist_as_rgb32(tmp_path, train=False, download=False)
+    except Exception:  # noqa: BLE001 - no Debian package on this machine
+        write_mnist_files(tmp_path, "fashion_mnist", n_train=8, n_test=8)
+        images, labels = fashion_mnist_as_rgb32(tmp_path, train=False, download=False)
+    data = NormalisedImages(images[:8], labels[:8])
+    batch = torch.stack([data[i][0] for i in range(8)]), labels[:8].clone()
+    torch.save(batch, tmp_path / "images.pt")
+    return tmp_path / "images.pt"
+
+
+def stop_after(epoch):
+    """Trainer._checkpoint that ends the run with Ctrl-C once `epoch` is saved."""
+    original = Trainer._checkpoint
+
+    def checkpoint(self, current):
+        original(self, current)
+        if current == epoch:
+            raise KeyboardInterrupt
+
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """1-rank references here, then one torchrun launch of every 2-rank task."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    for method in METHODS:
+        run_synthetic.main(argv(method, tmp / f"one-{method}"))
+    with pytest.MonkeyPatch.context() as patch:  # a 1-rank run stopped after epoch 1, resumed by 2 ranks
+        patch.setattr(Trainer, "_checkpoint", stop_after(1))
+        with pytest.raises(SystemExit, match="interrupted"):
+            run_synthetic.main(argv(RESUMED, tmp / "one-then-two"))
+    plan = [{"task": "train", "args": {"module": "gen_mask.run_synthetic", "argv": argv(m, tmp / f"two-{m}")}}
+            for m in METHODS]
+    plan += [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
+                                        "argv": argv(RESUMED, tmp / "one-then-two", "--resume")}},
+             {"task": "combine_every_rule", "args": {"out": str(tmp / "rules.pt"), "one_example_per_env": False}},
+             {"task": "combine_every_rule", "args": {"out": str(tmp / "rules-outer.pt"), "one_example_per_env": True}},
+             {"task": "batchnorm_grads", "args": {"images": str(fashion_mnist_images(tmp)),
+                                                  "out": str(tmp / "bn.pt")}},
+             {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}}]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(TASKS), plan_file(tmp / "plan.json", plan)], cwd=ROOT, env=environment(),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp
+
+
+def assert_same_records(got, expected):
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] and len(got) == 4
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "seconds":
+                continue
+            if isinstance(a[key], dict):
+                for name in a[key]:
+                    assert a[key][name] == pytest.approx(b[key][name], rel=1e-5, abs=1e-7), (key, name)
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_ranks_give_the_metrics_of_one(runs, method):
+    """5 environments over 2 ranks (3 and 2): the same training as one process, epoch by epoch."""
+    assert_same_records(read_metrics(runs / f"two-{method}"), read_metrics(runs / f"one-{method}"))
+    assert (runs / f"two-{method}" / "weights_final.pt").exists()
+
+
+def test_a_one_rank_checkpoint_resumes_with_two_ranks(runs):
+    assert_same_records(read_metrics(runs / "one-then-two"), read_metrics(runs / f"one-{RESUMED}"))
+
+
+@pytest.mark.parametrize("outer", [False, True])
+def test_every_combiner_across_ranks_equals_all_environments_in_one_process(runs, outer):
+    """Sum rules add up per-rank sums, the others (and a plugin that declares nothing) gather the gradients;
+    one example per environment takes the outer engine, whose factors are what travels."""
+    got = torch.load(runs / ("rules-outer.pt" if outer else "rules.pt"))
+    with plugin_registered():
+        assert set(got) == set(COMBINERS)
+        for name, combiner in COMBINERS.items():
+            model, inputs, target, n_envs, loss_fn = small_problem(outer)
+            grads = per_env_grads(model, inputs, target, loss_fn, n_envs, accepts_outer=True).grads
+            assert any(type(g).__name__ == "OuterProducts" for g in grads) == outer
+            torch.manual_seed(1)
+            expected, _ = apply_combiner(combiner, grads, combiner.defaults())
+            for a, b in zip(got[name], expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_per_example_batchnorm_gradients_across_ranks(runs):
+    """FastResnet, batch 8, one environment per image: exact = one process's shared and loop engines
+    (the whole batch's statistics); --dist_bn local = each rank's 4 images normalised on their own."""
+    got = torch.load(runs / "bn.pt")
+    images = runs / "images.pt"
+    model, inputs, target = fastresnet_problem(images)
+    for engine in ("shared", "loop"):
+        expected = per_env_grads(model, inputs, target, F.cross_entropy, 8, engine=engine).grads
+        for a, b in zip(got["exact"], expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model, inputs, target = fastresnet_problem(images)
+    halves = [per_env_grads(model, inputs[rows], target[rows], F.cross_entropy, 4, engine="loop").grads
+              for rows in (slice(0, 4), slice(4, 8))]
+    for a, first, second in zip(got["local"], *halves):
+        torch.testing.assert_close(a, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got["local"][0], got["exact"][0], rtol=1e-3)  # a different model indeed
+
+
+def test_bytes_per_step_by_kind_of_combiner(runs):
+    """Payloads of one step's collectives (P parameters, E = 5 environments, K = 2 ranks), against
+    DistributedDataParallel's one all-reduce of the mean gradient (4P bytes in float32)."""
+    got = torch.load(runs / "traffic.pt")
+    model, *_ = small_problem(False)
+    p = sum(t.numel() for t in model.parameters())
+    factored = sum(m.in_features + 2 * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    totals = 16  # the step's loss sum and correct count (float64), the batch being split
+    sums = {"and_mask": 4 * p + p, "geom_mean": 4 * p + p + 4 * p, "sand_mask": 4 * p + p + 4 * p,
+            "majority_vote": p, "mean": 4 * p}  # sign counts travel as int8
+    for (name, outer), traffic in got.items():
+        if name in sums:
+            assert traffic.keys() == {"all_reduce"}
+            assert traffic["all_reduce"]["bytes"] == sums[name] + totals, (name, outer)
+        else:  # gathered: 2 ranks × the larger share of E (5, or 7 one-example environments) rows
+            rows = 4 if outer else 3
+            assert traffic["all_gather"]["bytes"] == 2 * rows * 4 * (factored if outer else p), (name, outer)
+            assert traffic["all_reduce"]["bytes"] == totals
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_without_torchrun(plan_path, port):
+    return [subprocess.Popen([sys.executable, str(TASKS), plan_path], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             env=environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+            for r in range(2)]
+
+
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes_with_one(runs, tmp_path):
+    """Rank 1 (resp. rank 0) raises at epoch 3: both processes end, non-zero, rank 0 printing the message;
+    the run keeps epochs 1-2 and their checkpoint, and one process resumes it to the uninterrupted run's end."""
+    launches = {}
+    for failing in (1, 0):
+        plan = [{"task": "train_failing", "args": {"module": "gen_mask.run_synthetic", "rank": failing, "epoch": 3,
+                                                   "argv": argv(RESUMED, tmp_path / f"fails-{failing}")}}]
+        launches[failing] = launch_without_torchrun(plan_file(tmp_path / f"plan-{failing}.json", plan), free_port())
+    started = time.monotonic()
+    outputs = {}
+    try:
+        for failing, processes in launches.items():
+            outputs[failing] = [p.communicate(timeout=TIMEOUT_S) for p in processes]
+    finally:
+        for processes in launches.values():
+            for p in processes:
+                p.kill()
+    for failing, processes in launches.items():
+        assert [p.returncode for p in processes] == [1, 1], outputs[failing]
+        leader_err = outputs[failing][0][1]
+        prefix = "rank 1: " if failing == 1 else ""
+        assert f"error: {prefix}planted failure on rank {failing} at epoch 3" in leader_err, leader_err
+        assert "Traceback" not in leader_err + outputs[failing][1][1]
+        run_dir = tmp_path / f"fails-{failing}"
+        assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
+        assert (run_dir / "checkpoint.pt").exists()
+    assert time.monotonic() - started < TIMEOUT_S
+    run_synthetic.main(argv(RESUMED, tmp_path / "fails-1", "--resume"))
+    assert_same_records(read_metrics(tmp_path / "fails-1"), read_metrics(runs / f"one-{RESUMED}"))
+
+
+def test_environments_are_split_in_contiguous_blocks():
+    counts = {size: [World(r, size).env_range(5) for r in range(size)] for size in (1, 2, 3, 7)}
+    assert counts[1] == [range(0, 5)]
+    assert counts[2] == [range(0, 3), range(3, 5)]
+    assert counts[3] == [range(0, 2), range(2, 4), range(4, 5)]
+    assert [len(r) for r in counts[7]] == [1, 1, 1, 1, 1, 0, 0]
+
+
+def test_evaluation_batches_are_shared_out_without_loading_the_others():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0))
+    loader = torch.utils.data.DataLoader(data, batch_size=3)
+    shards = [list(shard_loader(loader, World(r, 2))) for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2] and len(shard_loader(loader, World(1, 2))) == 2
+    seen = sorted(float(x) for shard in shards for (batch,) in shard for x in batch)
+    assert seen == [float(i) for i in range(10)]
+    assert shard_loader(loader, World()) is loader
+
+
+def test_sum_rules_add_up_over_any_split_of_the_environments():
+    """For every rule declared as sums: the rounds' sums over blocks of environments, added up, then
+    finished, equal the rule on all environments (how ranks compute it)."""
+    grads = torch.randn(7, 4, 3, dtype=torch.float64)
+    grads[:, 0, 0] = 0.0
+    for name, combiner in COMBINERS.items():
+        if combiner.sums is None:
+            continue
+        rule, hparams = combiner.sums, combiner.defaults()
+        totals = {"n_envs": 7}
+        for index in range(len(rule.rounds)):
+            blocks = [rule.round_sums(index, grads[rows], totals) for rows in (slice(0, 3), slice(3, 3), slice(3, 7))]
+            totals.update({key: sum(block[key] for block in blocks) for key in blocks[0]})
+        got, _ = rule.finish(totals, **hparams)
+        torch.testing.assert_close(got, combiner.fn(grads, **hparams)[0], msg=name)
+    assert PLUGIN not in COMBINERS

@@ -18,7 +18,7 @@ from and_mask.core import distributed
 from and_mask.core.env_split import EnvSplit
 from and_mask.core.errors import RunError
 from and_mask.core.per_env_grads import per_env_grads
-from and_mask.core.training import Trainer
+from and_mask.core.training import Trainer, TrainSetup
 from and_mask.models import MLP, FastResnet
 from gen_mask.gen_mask_utils import COMBINERS
 
@@ -106,7 +106,8 @@ def combine_every_rule(world, out, one_example_per_env):
 
 @task
 def batchnorm_grads(world, images, out):
-    """Per-example gradients of FastResnet (exact and --dist_bn local), gathered from every rank."""
+    """FastResnet's per-example gradients (exact and --dist_bn local) gathered from every rank, and the
+    gradient of the mean loss (a τ = 0 step)."""
     results = {}
     for bn in ("exact", "local"):
         model, inputs, target = fastresnet_problem(images)
@@ -115,14 +116,30 @@ def batchnorm_grads(world, images, out):
         grads = per_env_grads(model, batch.inputs, batch.target, F.cross_entropy, batch.n_envs, batch.engine,
                               envs=batch.own).grads
         results[bn] = split.gather(grads, len(target))
+        model, inputs, target = fastresnet_problem(images)
+        setup = TrainSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, None, {}, 1)
+        Trainer(setup, COMBINERS["mean"], {}, None, world.device, quiet=True, split=split)._step(inputs, target, 8)
+        results[f"{bn} mean"] = [p.grad for p in model.parameters()]
     _save(world, results, out)
+
+
+@task
+def checksums(world, out):
+    """World.check_identical on equal tensors, then on tensors that differ on rank 1: its message."""
+    tensors = [torch.ones(3), torch.arange(4.0)]
+    world.check_identical(tensors, "the first look")
+    tensors[1][2] += world.rank * 1e-6
+    try:
+        world.check_identical(tensors, "the second look")
+        message = None
+    except RuntimeError as error:
+        message = str(error)
+    _save(world, message, out)
 
 
 @task
 def traffic(world, out):
     """Bytes each collective carried in one training step of the small MLP, per method (see the test)."""
-    from and_mask.core.training import TrainSetup
-
     results = {}
     with plugin_registered():
         for name, hparams in (("and_mask", {"agreement_threshold": 0.5}), ("geom_mean", {}), ("sand_mask", {}),

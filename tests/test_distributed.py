@@ -35,6 +35,7 @@ SYNTHETIC = ["--n_envs", "5", "--examples_per_env", "48", "--batch_size", "16", 
              "--n_hidden_layers", "2", "--epochs", "3", "--n_test", "200", "--quiet"]
 METHODS = {"and_mask": ["--agreement_threshold", "0.6"], "geom_mean": ["--agreement_threshold", "0.6"], "mean": [],
            "pcgrad": [], "mgda": []}
+CHECKED = {"pcgrad": ["--dist_check_every", "1"]}  # 2-rank runs that also compare the ranks' parameters each step
 RESUMED = "and_mask"  # the method of the runs resumed with another number of ranks
 
 
@@ -86,15 +87,16 @@ def runs(tmp_path_factory):
         patch.setattr(Trainer, "_checkpoint", stop_after(1))
         with pytest.raises(SystemExit, match="interrupted"):
             run_synthetic.main(argv(RESUMED, tmp / "one-then-two"))
-    plan = [{"task": "train", "args": {"module": "gen_mask.run_synthetic", "argv": argv(m, tmp / f"two-{m}")}}
-            for m in METHODS]
+    plan = [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
+                                       "argv": argv(m, tmp / f"two-{m}", *CHECKED.get(m, []))}} for m in METHODS]
     plan += [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
                                         "argv": argv(RESUMED, tmp / "one-then-two", "--resume")}},
              {"task": "combine_every_rule", "args": {"out": str(tmp / "rules.pt"), "one_example_per_env": False}},
              {"task": "combine_every_rule", "args": {"out": str(tmp / "rules-outer.pt"), "one_example_per_env": True}},
              {"task": "batchnorm_grads", "args": {"images": str(fashion_mnist_images(tmp)),
                                                   "out": str(tmp / "bn.pt")}},
-             {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}}]
+             {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}},
+             {"task": "checksums", "args": {"out": str(tmp / "checksums.pt")}}]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(TASKS), plan_file(tmp / "plan.json", plan)], cwd=ROOT, env=environment(),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -145,21 +147,43 @@ def test_every_combiner_across_ranks_equals_all_environments_in_one_process(runs
 
 
 def test_per_example_batchnorm_gradients_across_ranks(runs):
-    """FastResnet, batch 8, one environment per image: exact = one process's shared and loop engines
-    (the whole batch's statistics); --dist_bn local = each rank's 4 images normalised on their own."""
+    """FastResnet, batch 8, one environment per image: exact = one process's shared engine (the whole
+    batch's statistics); --dist_bn local = each rank's 4 images normalised on their own. The same for
+    the gradient of the mean loss (τ = 0)."""
     got = torch.load(runs / "bn.pt")
     images = runs / "images.pt"
     model, inputs, target = fastresnet_problem(images)
-    for engine in ("shared", "loop"):
-        expected = per_env_grads(model, inputs, target, F.cross_entropy, 8, engine=engine).grads
-        for a, b in zip(got["exact"], expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    model, inputs, target = fastresnet_problem(images)
-    halves = [per_env_grads(model, inputs[rows], target[rows], F.cross_entropy, 4, engine="loop").grads
-              for rows in (slice(0, 4), slice(4, 8))]
+    expected = per_env_grads(model, inputs, target, F.cross_entropy, 8, engine="shared").grads  # = loop's, tested
+    for a, b in zip(got["exact"], expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    halves = [per_env_grads(model, inputs[rows], target[rows], F.cross_entropy, 4, engine="shared").grads
+              for rows in HALVES]
     for a, first, second in zip(got["local"], *halves):
         torch.testing.assert_close(a, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got["local"][0], got["exact"][0], rtol=1e-3)  # a different model indeed
+    # τ = 0, one backward pass per rank of its share Σ_{e of r} L_e / E, summed across ranks. exact: the
+    # shares' sum in one process; local: the mean of each half's mean-loss gradient, its own statistics.
+    output = model(inputs)
+    shares = [torch.autograd.grad(F.cross_entropy(output[rows], target[rows], reduction="sum") / 8,
+                                  list(model.parameters()), retain_graph=True) for rows in HALVES]
+    local = [mean_loss_grads(model, inputs[rows], target[rows]) for rows in HALVES]
+    for a, b, *pieces in zip(got["exact mean"], mean_loss_grads(model, inputs, target), *shares):
+        torch.testing.assert_close(a, sum(pieces), rtol=1e-5, atol=1e-6)
+        assert (a - b).norm() <= 1e-4 * b.norm()  # the whole batch's mean loss, up to float32 rounding
+    for a, *pieces in zip(got["local mean"], *local):
+        torch.testing.assert_close(a, sum(pieces) / 2, rtol=1e-5, atol=1e-6)
+
+
+HALVES = (slice(0, 4), slice(4, 8))
+
+
+def mean_loss_grads(model, inputs, target):
+    return torch.autograd.grad(F.cross_entropy(model(inputs), target), list(model.parameters()))
+
+
+def test_ranks_that_differ_are_told_apart(runs):
+    message = torch.load(runs / "checksums.pt")
+    assert message.startswith("the ranks' parameters differ at the second look")
 
 
 def test_bytes_per_step_by_kind_of_combiner(runs):

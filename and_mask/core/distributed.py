@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from and_mask.core.errors import RunError
 from and_mask.core.runlog import restore_rng
 
 ABORT_KEY = "and_mask/failure"  # "rank<TAB>message" of the first rank that failed
@@ -78,7 +79,12 @@ class World:
     @contextmanager
     def _collective(self, kind: str, tensors):
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except RuntimeError as error:  # the backend's errors: a rank died or the network failed
+            lines = str(error).strip().splitlines()
+            raise RunError(f"lost contact with the other ranks during {kind} (did one of them die?): "
+                           f"{lines[0] if lines else type(error).__name__}") from None
         record = self.traffic[kind]
         record["calls"] += 1
         record["bytes"] += sum(t.numel() * t.element_size() for t in tensors)

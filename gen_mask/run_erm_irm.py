@@ -13,6 +13,7 @@ import sys
 
 from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, proper_fraction,
                                seed_int)
+from and_mask.core.distributed import launched_ranks
 from and_mask.core.errors import RunError
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
@@ -116,6 +117,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, Sweep]:
 
 def main(argv=None) -> str:
     args, sweep = parse(argv)
+    if launched_ranks() > 1:  # its fits are vectorised over trials in one process; K copies would share --out
+        sys.exit("error: gen_mask.run_erm_irm runs in one process; start it without torchrun")
     title = sweep.dataset + ("" if sweep.is_sem else f" ({sweep.image_data})")
     try:
         records = run_sweep(sweep, args.out, quiet=args.quiet)

@@ -285,3 +285,12 @@ def test_sum_rules_add_up_over_any_split_of_the_environments():
         got, _ = rule.finish(totals, **hparams)
         torch.testing.assert_close(got, combiner.fn(grads, **hparams)[0], msg=name)
     assert PLUGIN not in COMBINERS
+
+
+def test_the_erm_irm_sweep_refuses_several_processes(monkeypatch, tmp_path):
+    from gen_mask import run_erm_irm
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs in one process; start it without torchrun"):
+        run_erm_irm.main(["--dataset", "sem_hb", "--methods", "erm", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

@@ -155,11 +155,11 @@ def test_per_example_batchnorm_gradients_across_ranks(runs):
     model, inputs, target = fastresnet_problem(images)
     expected = per_env_grads(model, inputs, target, F.cross_entropy, 8, engine="shared").grads  # = loop's, tested
     for a, b in zip(got["exact"], expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_float32_close(a, b)
     halves = [per_env_grads(model, inputs[rows], target[rows], F.cross_entropy, 4, engine="shared").grads
               for rows in HALVES]
     for a, first, second in zip(got["local"], *halves):
-        torch.testing.assert_close(a, torch.cat([first, second]), rtol=1e-5, atol=1e-6)
+        assert_float32_close(a, torch.cat([first, second]))
     assert not torch.allclose(got["local"][0], got["exact"][0], rtol=1e-3)  # a different model indeed
     # τ = 0, one backward pass per rank of its share Σ_{e of r} L_e / E, summed across ranks. exact: the
     # shares' sum in one process; local: the mean of each half's mean-loss gradient, its own statistics.
@@ -168,13 +168,18 @@ def test_per_example_batchnorm_gradients_across_ranks(runs):
                                   list(model.parameters()), retain_graph=True) for rows in HALVES]
     local = [mean_loss_grads(model, inputs[rows], target[rows]) for rows in HALVES]
     for a, b, *pieces in zip(got["exact mean"], mean_loss_grads(model, inputs, target), *shares):
-        torch.testing.assert_close(a, sum(pieces), rtol=1e-5, atol=1e-6)
+        assert_float32_close(a, sum(pieces))
         assert (a - b).norm() <= 1e-4 * b.norm()  # the whole batch's mean loss, up to float32 rounding
     for a, *pieces in zip(got["local mean"], *local):
-        torch.testing.assert_close(a, sum(pieces) / 2, rtol=1e-5, atol=1e-6)
+        assert_float32_close(a, sum(pieces) / 2)
 
 
 HALVES = (slice(0, 4), slice(4, 8))
+
+
+def assert_float32_close(a, b):
+    """Equal up to float32 rounding through BatchNorm, which the thread count of each side changes."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def mean_loss_grads(model, inputs, target):

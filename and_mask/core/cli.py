@@ -212,9 +212,7 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
     if args.resume and args.output_dir is None:
         parser.error("--resume needs the --output_dir of the run to continue")
     device = resolve_device(parser, args.use_cuda)
-    world = join_world(parser, device)
-    with distributed.stop_together(world):
-        return _train(experiment, combiner, hparams, args, package, world)
+    return _train(experiment, combiner, hparams, args, package, join_world(parser, device))
 
 
 def join_world(parser, device: torch.device) -> distributed.World:
@@ -232,16 +230,19 @@ def _train(experiment, combiner, hparams, args, package, world) -> dict:
         f"{package}-{experiment.NAME}-{args.method}"))
     runlog = None
     try:
-        if world.is_leader:
-            runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
-        runlog = distributed.rank_runlog(world, runlog, output_dir)
-        with distributed.leader_first(world):  # rank 0 downloads or prepares the data before the others read it
-            setup = experiment.build(args, world.device)
-        split = EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb)
-        trainer = Trainer(setup, combiner, hparams, runlog, world.device, engine=args.grad_engine,
-                          chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
-                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet or not world.is_leader, split=split)
-        final = trainer.run(resume=args.resume)
+        with distributed.stop_together(world):  # a failure on any rank ends every rank
+            if world.is_leader:
+                runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME,
+                                package=package)
+            runlog = distributed.rank_runlog(world, runlog, output_dir)
+            with distributed.leader_first(world):  # rank 0 downloads or prepares the data before the others read it
+                setup = experiment.build(args, world.device)
+            split = EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb)
+            trainer = Trainer(setup, combiner, hparams, runlog, world.device, engine=args.grad_engine,
+                              chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
+                              l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet or not world.is_leader,
+                              split=split)
+            final = trainer.run(resume=args.resume)
     except RunError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:

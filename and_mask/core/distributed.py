@@ -384,25 +384,30 @@ def failure_message(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
     lines = str(error).strip().splitlines()
+    if isinstance(error, RunError):
+        return lines[0] if lines else "failed"
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 @contextmanager
 def stop_together(world: World):
-    """Run a rank's command; if it fails, every rank stops (see the module docstring), then leave the group.
+    """Run a rank's work; if it fails, every rank stops (see the module docstring), then leave the group.
 
     Rank 0 prints a failure; another rank prints its own only when rank 0 could not record it
     (and shows the traceback of an unexpected error), and stays silent when it merely follows
-    another rank's failure.
+    another rank's failure. An interrupted rank other than 0 (Ctrl-C and SIGTERM reach every
+    rank) leaves the verdict to rank 0, which ends the run as interrupted.
     """
     try:
         yield
     except BaseException as error:
-        if world.size > 1 and not (isinstance(error, SystemExit) and error.code in (0, None)):
+        interrupted_follower = isinstance(error, KeyboardInterrupt) and not world.is_leader
+        if world.size > 1 and not interrupted_follower and not (isinstance(error, SystemExit)
+                                                                 and error.code in (0, None)):
             outcome, message = world.fail(failure_message(error))
             if outcome == "consequence":
                 raise SystemExit(f"error: {message}" if world.is_leader else 1) from None
-            if outcome == "recorded" and not world.is_leader and isinstance(error, SystemExit):
+            if outcome == "recorded" and not world.is_leader and isinstance(error, (SystemExit, RunError)):
                 raise SystemExit(1) from None
         raise
     finally:

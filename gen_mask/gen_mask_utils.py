@@ -150,14 +150,18 @@ def mgda(grads):
 def cagrad(grads, cagrad_c=0.5, cagrad_rescale=1):
     """CAGrad: ḡ + c‖ḡ‖ g_w/‖g_w‖, w from CAGrad's dual (Liu et al., NeurIPS 2021)."""
     # "Conflict-Averse Gradient Descent for Multi-task Learning", following the authors' code:
-    # w = argmin_{w ∈ simplex} g_w·ḡ + c‖ḡ‖‖g_w‖ (`solvers.cagrad_weights`), then the update is
-    # divided by 1 + c² (rescale 1). Identical environments give (1 + c)/(1 + c²)·g, so g itself
-    # only with rescale 2.
+    # w = argmin_{w ∈ simplex} g_w·ḡ + c‖ḡ‖‖g_w‖ (`solvers.cagrad_weights`, exact), then the update
+    # is divided by 1 + c² (rescale 1). Identical environments give (1 + c)/(1 + c²)·g, so g itself
+    # only with rescale 2. The authors add 1e-8 to ‖g_w‖; here g_w is normalised as it is unless it
+    # lies below what the Gram matrix resolves in the gradients' precision (√eps·max_e ‖g_e‖),
+    # where its direction is rounding noise and the update is ḡ: the rule is scale-free.
     weights = solvers.cagrad_weights(grads @ grads.T, cagrad_c)
     avg = grads.mean(dim=0)
     g_w = weights @ grads
-    radius = cagrad_c * avg.norm()
-    update = avg + radius / (g_w.norm() + 1e-8) * g_w
+    norm = g_w.norm()
+    resolution = torch.finfo(grads.dtype).eps ** 0.5 * grads.norm(dim=1).max()
+    step = torch.where(norm > resolution, cagrad_c * avg.norm() / norm, torch.zeros_like(norm))
+    update = avg + step * g_w
     divisor = (1.0, 1.0 + cagrad_c ** 2, 1.0 + cagrad_c)[cagrad_rescale]
     return update / divisor, {"weights": weights}
 

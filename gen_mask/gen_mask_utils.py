@@ -12,6 +12,10 @@ parameters as (E, P). Each returns (combined gradient, diagnostics dict); a "mas
 of the gen_mask run modules, and the test suite checks every registered rule. Declare
 `keeps_consensus=False` when identical environments do not give back their common gradient.
 Rules are vectorised torch (CPU or CUDA); the exact small solvers live in `gen_mask.solvers`.
+
+`OBJECTIVES` holds the second kind of method, training objectives whose update is the ordinary
+gradient of a loss over environments (the paper's baselines IRMv1, V-REx and DANN, defined in
+`gen_mask.baselines`); --method picks from both registries, which share one name space.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ import torch
 
 from and_mask import and_mask_utils
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, apply_combiner
+from and_mask.core.objectives import ObjectiveRegistry
 from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
-from gen_mask import solvers
+from gen_mask import baselines, solvers
 
-__all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "get_grads", "get_grads_from_model"]
+__all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "OBJECTIVES", "get_grads", "get_grads_from_model"]
 
 COMBINERS = CombinerRegistry()
 COMBINERS.add(and_mask_utils.AND_MASK)  # AND-mask and geometric mean: one implementation, in and_mask
@@ -243,4 +248,5 @@ def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", 
     return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters)
 
 
-METHOD_FLAGS = MethodFlags(COMBINERS, required=False)
+OBJECTIVES = ObjectiveRegistry({o.name: o for o in baselines.BASELINES})
+METHOD_FLAGS = MethodFlags(COMBINERS, required=False, objectives=OBJECTIVES)

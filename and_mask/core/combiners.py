@@ -141,31 +141,42 @@ class MethodFlags:
     A flag shared by several combiners (e.g. --agreement_threshold) is declared once.
     """
 
-    def __init__(self, registry: CombinerRegistry, required: bool = False, default_method: str | None = None):
+    def __init__(self, registry: CombinerRegistry, required: bool = False, default_method: str | None = None,
+                 objectives: dict | None = None):
         self.registry = registry
         self.required = required
         self.default_method = default_method
+        # Training objectives (`and_mask.core.objectives`): a second kind of method, same name space.
+        self.objectives = objectives if objectives is not None else {}
+
+    def entry(self, name: str):
+        """The Combiner or Objective called `name`."""
+        return self.objectives[name] if name in self.objectives else self.registry[name]
 
     def add_flags(self, parser: argparse.ArgumentParser):
-        names = sorted(self.registry)
-        method_help = "; ".join(f"{n}: {self.registry[n].summary.rstrip('.')}" for n in names)
+        clashes = set(self.registry) & set(self.objectives)
+        if clashes:
+            raise ValueError(f"names registered both as combiner and as objective: {', '.join(sorted(clashes))}")
+        names = sorted([*self.registry, *self.objectives])
+        method_help = "; ".join(f"{n}: {self.entry(n).summary.rstrip('.')}" for n in names)
         group = parser.add_argument_group("gradient combination")
         group.add_argument("--method", choices=names, required=self.default_method is None,
                            default=self.default_method, help=method_help)
         declared = {}
         for name in names:
-            for hp in self.registry[name].hparams:
+            for hp in self.entry(name).hparams:
                 declared.setdefault(hp.name, (hp, []))[1].append(name)
         for flag, (hp, users) in declared.items():
-            default_note = "" if self.required else " (default: the combiner's own, " + ", ".join(
-                f"{u}: {self.registry[u].defaults()[flag]}" for u in users) + ")"
-            helps = dict.fromkeys(h.help for u in users for h in self.registry[u].hparams if h.name == flag)
+            default_note = "" if self.required else " (default: the method's own, " + ", ".join(
+                f"{u}: {self.entry(u).defaults()[flag]}" for u in users) + ")"
+            helps = dict.fromkeys(h.help for u in users for h in self.entry(u).hparams if h.name == flag)
             group.add_argument(f"--{flag}", type=hp.type, required=self.required, default=None,
                                help=f"{'; '.join(helps)} [used by {', '.join(users)}]{default_note}")
         self._declared = declared
 
-    def resolve(self, args, parser) -> tuple[Combiner, dict]:
-        combiner = self.registry[args.method]
+    def resolve(self, args, parser) -> tuple:
+        """(the Combiner or Objective named by --method, its hyper-parameters)."""
+        combiner = self.entry(args.method)
         hparams = {}
         for hp in combiner.hparams:
             value = getattr(args, hp.name)

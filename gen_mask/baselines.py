@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from and_mask.core.combiners import HParam
+from and_mask.core.errors import RunError
 from and_mask.core.objectives import Objective, ObjectiveModule
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, annealed_objective, irmv1_penalty, penalty_weight
 
@@ -104,6 +105,9 @@ class DANN(ObjectiveModule):
 
     def __init__(self, context, dann_lambda, dann_hidden_units, dann_grl_schedule):
         super().__init__(context)
+        if dann_grl_schedule == "ganin" and not context.total_steps:
+            raise RunError("--dann_grl_schedule ganin needs the run's number of steps, which this experiment does not "
+                           "give; use --dann_grl_schedule constant")
         self.weight, self.schedule = dann_lambda, dann_grl_schedule
         self.domain_classifier = nn.Sequential(nn.Linear(context.n_features, dann_hidden_units), nn.ReLU(),
                                                nn.Linear(dann_hidden_units, context.n_train_envs))

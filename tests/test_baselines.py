@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from and_mask.core import cli
 from and_mask.core.objectives import ObjectiveContext, captured_features, objective_loss
-from and_mask.core.training import Trainer
 from and_mask.datasets.common import env_group_batches
 from and_mask.experiments import cifar, colored_mnist, synthetic
 from gen_mask import baselines
 from gen_mask.gen_mask_utils import METHOD_FLAGS, OBJECTIVES
+from interrupted_runs import interrupt_then_resume
 from mnist_files import write_mnist_files
 
 SMALL = ["--examples_per_env", "64", "--n_test", "100", "--n_envs", "4", "--batch_size", "16",
@@ -160,18 +160,7 @@ def test_dann_trains_its_domain_classifier_and_resumes_exactly(tmp_path, monkeyp
     checkpoint = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
     assert len(checkpoint["optimizer"]["param_groups"]) == 2  # the model's and the domain classifier's
     assert int(checkpoint["objective"]["steps_done"]) == 3 * 4
-    original = Trainer._checkpoint
-
-    def stop_after_epoch_1(self, epoch):
-        original(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_checkpoint", stop_after_epoch_1)
-    with pytest.raises(SystemExit, match="interrupted"):
-        run_synthetic(argv + ["--output_dir", str(tmp_path / "split")])
-    monkeypatch.setattr(Trainer, "_checkpoint", original)
-    run_synthetic(argv + ["--output_dir", str(tmp_path / "split"), "--resume"])
+    interrupt_then_resume(run_synthetic, argv, tmp_path / "split", monkeypatch, stop_after_epoch=1)
     assert read(tmp_path / "split") == read(tmp_path / "whole")
     resumed = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     for key, value in checkpoint["objective"].items():

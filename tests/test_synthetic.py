@@ -7,9 +7,9 @@ import torch
 
 from and_mask.and_mask_utils import METHOD_FLAGS as AND_MASK_FLAGS
 from and_mask.core import cli
-from and_mask.core.training import Trainer
 from and_mask.datasets.synthetic import TEST_SEED, get_spirals_dataset
 from and_mask.experiments import synthetic
+from interrupted_runs import interrupt_then_resume
 
 SMALL = ["--examples_per_env", "64", "--n_test", "100", "--n_train_envs", "4", "--n_agreement_envs", "2",
          "--batch_size", "16", "--n_hidden_units", "16", "--n_hidden_layers", "2", "--quiet", "--use_cuda", "0"]
@@ -93,20 +93,7 @@ TEMPORAL = ["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9", "--tempor
 def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, optimizer):
     argv = SMALL + AND_MASK + ["--epochs", "3"] + optimizer
     run_and_mask(argv + ["--output_dir", str(tmp_path / "whole")])
-
-    original = Trainer._checkpoint
-
-    def stop_after_epoch_2(self, epoch):
-        original(self, epoch)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_checkpoint", stop_after_epoch_2)
-    with pytest.raises(SystemExit, match="interrupted"):
-        run_and_mask(argv + ["--output_dir", str(tmp_path / "split")])
-    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(Trainer, "_checkpoint", original)
-    run_and_mask(argv + ["--output_dir", str(tmp_path / "split"), "--resume"])
+    interrupt_then_resume(run_and_mask, argv, tmp_path / "split", monkeypatch, stop_after_epoch=2)
 
     def load(name):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}

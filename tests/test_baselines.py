@@ -158,7 +158,9 @@ def test_dann_trains_its_domain_classifier_and_resumes_exactly(tmp_path, monkeyp
     argv = SMALL + ["--method", "dann", "--epochs", "3"]
     run_synthetic(argv + ["--output_dir", str(tmp_path / "whole")])
     checkpoint = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    assert len(checkpoint["optimizer"]["param_groups"]) == 2  # the model's and the domain classifier's
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert len(groups) == 2  # the model's and the domain classifier's, on the same schedule
+    assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(1e-3)  # ×0.1 after 3/4 of the epochs
     assert int(checkpoint["objective"]["steps_done"]) == 3 * 4
     interrupt_then_resume(run_synthetic, argv, tmp_path / "split", monkeypatch, stop_after_epoch=1)
     assert read(tmp_path / "split") == read(tmp_path / "whole")

@@ -127,17 +127,24 @@ class TemporalAndMaskAdam(AdamFlexibleWeightDecay):
 
 def add_optimizer_flags(group, default: str):
     """--optimizer (`default`, the experiment's own: "adam" or "adam_flexible_weight_decay", or
-    temporal_and_mask_adam), --beta3 and --temporal_threshold."""
+    temporal_and_mask_adam), --beta3 and --temporal_threshold, and with adam_flexible_weight_decay
+    its --weight_decay_order."""
+    if default == "adam_flexible_weight_decay":
+        group.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default=None,
+                           help="before: wd·θ is added to the gradient before Adam's moments (L2); after: decoupled "
+                                "decay, applied after the step. Default: before (the original), after with "
+                                f"{TEMPORAL}.")
     group.add_argument("--optimizer", choices=[default, TEMPORAL], default=default,
                        help=f"{default}: the experiment's own optimiser; {TEMPORAL}: Adam whose step is masked "
                             "where the sign of the gradient has not agreed over recent steps (the paper's "
                             "Algorithm 1), with decoupled weight decay after the mask.")
     group.add_argument("--beta3", type=probability, default=None,
-                       help=f"Decay rate in [0, 1) of the average of gradient signs ({TEMPORAL} only, where it "
-                            "is required).")
+                       help=f"Decay rate β3 in [0, 1) of the average of gradient signs of {TEMPORAL}. Default: "
+                            f"unset, which {TEMPORAL} refuses and the other optimisers require.")
     group.add_argument("--temporal_threshold", type=fraction, default=None,
-                       help=f"τ in [0, 1]: update a coordinate when the average of its gradient signs is at least "
-                            f"τ in absolute value ({TEMPORAL} only, where it is required; 0 is Adam).")
+                       help=f"τ in [0, 1]: {TEMPORAL} updates a coordinate when the average of its gradient signs "
+                            f"is at least τ in absolute value (0 is Adam). Default: unset, which {TEMPORAL} refuses "
+                            "and the other optimisers require.")
 
 
 def check_optimizer_flags(args, parser):

@@ -80,9 +80,12 @@ def lookahead(grads, hvp, lookahead_eta=0.01, lookahead_lambda=1.0, lookahead_st
 
 LOOKAHEAD = Combiner(
     "lookahead", lookahead, scope="model", needs_hvp=True,
-    hparams=(HParam("lookahead_eta", float, 0.01, "step size η of the predicted plain step θ − η·d", low=0.0),
-             HParam("lookahead_lambda", float, 1.0, "weight λ of the predicted agreement after the step", low=0.0),
-             HParam("lookahead_steps", int, 5, "K, gradient steps on the logits of the environment weights", low=0),
-             HParam("lookahead_weight_lr", float, 1.0, "α, step size of those logit updates", low=0.0)),
+    hparams=(HParam("lookahead_eta", float, 0.01, "Step size η ≥ 0 of the predicted plain step θ − η·d (not the "
+                    "optimiser's).", low=0.0),
+             HParam("lookahead_lambda", float, 1.0, "Weight λ ≥ 0 of the predicted agreement after the step.", low=0.0),
+             HParam("lookahead_steps", int, 5, "Number K ≥ 0 of gradient steps on the logits of the environment "
+                    "weights; 0 is the average.", low=0),
+             HParam("lookahead_weight_lr", float, 1.0, "Step size α ≥ 0 of those gradient steps on the logits.",
+                    low=0.0)),
     reduces_to_mean=lambda lookahead_steps, lookahead_weight_lr, **others: lookahead_steps == 0
     or lookahead_weight_lr == 0)

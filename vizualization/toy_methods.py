@@ -72,7 +72,7 @@ def reptile(landscape: Landscape, points, lr: float, noise: float = 0.0, generat
 
 TOY_ONLY = CombinerRegistry()
 TOY_ONLY.add(Combiner("reptile", reptile, hparams=(
-    HParam("reptile_steps", int, 5, "inner gradient steps per environment (k)", low=1),)))
+    HParam("reptile_steps", int, 5, "Inner gradient steps k per environment.", low=1),)))
 
 TOY_METHODS = CombinerRegistry(COMBINERS)
 for _method in TOY_ONLY.values():

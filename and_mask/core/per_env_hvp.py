@@ -30,6 +30,7 @@ A shared-graph model (BatchNorm over the whole batch) cannot be split that way.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -94,7 +95,10 @@ def env_hvp(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, loss_f
         shared = v.dim() == 1
         pieces = torch.split(v, sizes, dim=-1)
         tangent = {n: piece.reshape(*v.shape[:-1], *params[n].shape) for n, piece in zip(names, pieces)}
-        with batch_statistics_only(model):
+        with batch_statistics_only(model), warnings.catch_warnings():
+            # forward-mode AD loads its decompositions through the deprecated torch.jit.script on first
+            # use: torch's own warning, nothing the caller can act on
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
             out = vmap(product, in_dims=(None if shared else 0,) + (0,) * len(sources),
                        chunk_size=chunk_size)(tangent, *sources)
         return torch.cat([out[n].reshape(n_envs, -1) for n in names], dim=1)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -113,9 +114,11 @@ def check_make(args: list[str]) -> list[str]:
     errors = [f"no make target {t}" for t in targets if t not in makefile_targets()]
     if errors or shutil.which("make") is None:
         return errors
-    # The recipe as make would run it (dry run), its python commands checked in turn.
+    # The recipe as make would run it (dry run), its python commands checked in turn; without the
+    # flags of a make that runs this test (make test), which a sub-make would inherit.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     recipe = subprocess.run(["make", "-n", "-s", "--no-print-directory", *targets, *variables, "PYTHON=python"],
-                            cwd=ROOT, capture_output=True, text=True)
+                            cwd=ROOT, env=env, capture_output=True, text=True)
     if recipe.returncode != 0:
         return [f"make -n {' '.join(args)} failed: {recipe.stderr.strip()}"]
     return [error for command in script_commands(recipe.stdout)

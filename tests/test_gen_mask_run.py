@@ -1,5 +1,5 @@
 """gen_mask entry points: get_grads / get_grads_from_model, the run_synthetic command line (flags
-built from the registry, short end-to-end runs, clear errors) and the README's own-combiner example."""
+built from the registry, short end-to-end runs, clear errors) and gen_mask/README.md's own-combiner example."""
 import importlib
 import importlib.util
 import json
@@ -149,13 +149,13 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
 
 
 def readme_example() -> tuple[str, list]:
-    """The README's own-combiner example: (the code of my_rule.py, the flags of its printed command)."""
-    readme = (ROOT / "README.md").read_text()
+    """gen_mask/README.md's own-combiner example: (the code of my_rule.py, the flags of its printed command)."""
+    readme = (ROOT / "gen_mask" / "README.md").read_text()
     section = readme.split("<!-- section: gen-mask -->")[1].split("<!-- end section: gen-mask -->")[0]
     blocks = re.findall(r"```python\n(# my_rule\.py.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "the README's gen-mask section must hold one ```python block starting '# my_rule.py'"
+    assert len(blocks) == 1, "gen_mask/README.md's gen-mask section must hold one ```python block starting '# my_rule.py'"
     command = re.search(r"python3? my_rule\.py ([^\n`]*)", section)
-    assert command, "the README must show the command that runs my_rule.py"
+    assert command, "gen_mask/README.md must show the command that runs my_rule.py"
     return blocks[0], command.group(1).split()
 
 

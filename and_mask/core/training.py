@@ -24,6 +24,7 @@ from and_mask.core.combiners import apply_combiner
 from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.objectives import Objective, ObjectiveContext, captured_features, final_linear, objective_loss
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
+from and_mask.core.per_env_hvp import env_hvp, hvp_unsupported
 from and_mask.core.runlog import RunLog
 
 
@@ -91,6 +92,10 @@ class Trainer:
         self.objective = self._build_objective() if isinstance(method, Objective) else None
         self.plain = self.objective is None and method.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
+        needs_hvp = self.objective is None and method.needs_hvp and not self.plain
+        problem = hvp_unsupported(setup.model) if needs_hvp else None
+        if problem:
+            raise RunError(f"--method {method.name}: {problem}")
 
     def _build_objective(self):
         """The run's ObjectiveModule; its own parameters join the optimiser as a new parameter group."""
@@ -132,7 +137,10 @@ class Trainer:
         else:
             result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size,
                                    accepts_outer=True)
-            combined, per_tensor = apply_combiner(self.method, result.grads, self.hparams)
+            # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
+            hvp = (env_hvp(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size)
+                   if self.method.needs_hvp else None)
+            combined, per_tensor = apply_combiner(self.method, result.grads, self.hparams, hvp)
             for p, g in zip(params, combined):
                 p.grad = g
             output, loss = result.output, result.env_losses.mean()

@@ -20,7 +20,7 @@ from and_mask.core.errors import RunError
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.core.training import Trainer, TrainSetup
 from and_mask.models import MLP, FastResnet
-from gen_mask.gen_mask_utils import COMBINERS
+from gen_mask.gen_mask_utils import COMBINERS, OBJECTIVES
 
 PLUGIN = "largest_magnitude"
 TASKS = {}
@@ -88,19 +88,24 @@ def train_failing(world, module, argv, rank, epoch):
     importlib.import_module(module).main(argv)
 
 
+def one_step(world, name: str, one_example_per_env: bool) -> list[torch.Tensor]:
+    """The gradients one training step of method `name` writes (model's, then an objective's own)."""
+    model, inputs, target, n_envs, loss_fn = small_problem(one_example_per_env)
+    method = COMBINERS[name] if name in COMBINERS else OBJECTIVES[name]
+    setup = TrainSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, None, {}, 1,
+                       steps_per_epoch=1, env_loaders=[None] * n_envs)
+    trainer = Trainer(setup, method, method.defaults(), None, world.device, quiet=True, split=EnvSplit(world))
+    torch.manual_seed(1)  # PCGrad's random order: the same draws in every process
+    trainer._step(inputs, target, n_envs, list(range(n_envs)))
+    objective = list(trainer.objective.parameters()) if trainer.objective is not None else []
+    return [p.grad for p in trainer.params + objective]
+
+
 @task
-def combine_every_rule(world, out, one_example_per_env):
-    """Every registered combiner's update from this rank's environments, combined across ranks."""
-    results = {}
+def step_every_method(world, out, one_example_per_env):
+    """One step of every registered combiner and objective, the environments split across the ranks."""
     with plugin_registered():
-        for name in sorted(COMBINERS):
-            model, inputs, target, n_envs, loss_fn = small_problem(one_example_per_env)
-            split = EnvSplit(world)
-            batch = split.local_batch(model, "auto", inputs, target, n_envs)
-            grads = per_env_grads(model, batch.inputs, batch.target, loss_fn, batch.n_envs, batch.engine,
-                                  accepts_outer=True, envs=batch.own).grads
-            torch.manual_seed(1)  # PCGrad's random order: the same draws as the reference
-            results[name] = split.combine(COMBINERS[name], grads, COMBINERS[name].defaults(), n_envs)[0]
+        results = {name: one_step(world, name, one_example_per_env) for name in sorted({*COMBINERS, *OBJECTIVES})}
     _save(world, results, out)
 
 

@@ -17,15 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from and_mask.core.combiners import apply_combiner
 from and_mask.core.distributed import World, shard_loader
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.core.runlog import read_metrics
 from and_mask.core.training import Trainer
 from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
 from gen_mask import run_synthetic
-from gen_mask.gen_mask_utils import COMBINERS
-from distributed_tasks import PLUGIN, fastresnet_problem, plugin_registered, small_problem
+from gen_mask.gen_mask_utils import COMBINERS, OBJECTIVES
+from distributed_tasks import PLUGIN, fastresnet_problem, one_step, plugin_registered, small_problem
 from mnist_files import write_mnist_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +90,8 @@ def runs(tmp_path_factory):
                                        "argv": argv(m, tmp / f"two-{m}", *CHECKED.get(m, []))}} for m in METHODS]
     plan += [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
                                         "argv": argv(RESUMED, tmp / "one-then-two", "--resume")}},
-             {"task": "combine_every_rule", "args": {"out": str(tmp / "rules.pt"), "one_example_per_env": False}},
-             {"task": "combine_every_rule", "args": {"out": str(tmp / "rules-outer.pt"), "one_example_per_env": True}},
+             {"task": "step_every_method", "args": {"out": str(tmp / "steps.pt"), "one_example_per_env": False}},
+             {"task": "step_every_method", "args": {"out": str(tmp / "steps-outer.pt"), "one_example_per_env": True}},
              {"task": "batchnorm_grads", "args": {"images": str(fashion_mnist_images(tmp)),
                                                   "out": str(tmp / "bn.pt")}},
              {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}},
@@ -130,19 +129,17 @@ def test_a_one_rank_checkpoint_resumes_with_two_ranks(runs):
 
 
 @pytest.mark.parametrize("outer", [False, True])
-def test_every_combiner_across_ranks_equals_all_environments_in_one_process(runs, outer):
-    """Sum rules add up per-rank sums, the others (and a plugin that declares nothing) gather the gradients;
-    one example per environment takes the outer engine, whose factors are what travels."""
-    got = torch.load(runs / ("rules-outer.pt" if outer else "rules.pt"))
+def test_every_method_across_ranks_equals_one_process(runs, outer):
+    """One training step of every combiner (sum rules add up per-rank sums; the others, a plugin that
+    declares nothing among them, gather the gradients; lookahead's Hessian-vector products are
+    gathered too) and of every objective (their terms gathered, their gradients summed), 5
+    environments over 2 ranks; one example per environment takes the outer engine, whose factors
+    are what travels."""
+    got = torch.load(runs / ("steps-outer.pt" if outer else "steps.pt"))
     with plugin_registered():
-        assert set(got) == set(COMBINERS)
-        for name, combiner in COMBINERS.items():
-            model, inputs, target, n_envs, loss_fn = small_problem(outer)
-            grads = per_env_grads(model, inputs, target, loss_fn, n_envs, accepts_outer=True).grads
-            assert any(type(g).__name__ == "OuterProducts" for g in grads) == outer
-            torch.manual_seed(1)
-            expected, _ = apply_combiner(combiner, grads, combiner.defaults())
-            for a, b in zip(got[name], expected):
+        assert set(got) == {*COMBINERS, *OBJECTIVES}
+        for name, grads in got.items():
+            for a, b in zip(grads, one_step(World(), name, outer)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 

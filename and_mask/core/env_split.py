@@ -58,6 +58,7 @@ class LocalBatch:
     inputs: torch.Tensor
     target: torch.Tensor
     n_envs: int  # environments forwarded
+    first: int  # the step's index of the first environment forwarded
     own: range | None  # the environments of the forwarded batch to back-propagate (None: all)
     whole: bool  # the whole batch was forwarded (every rank sees every output)
     engine: str  # the gradient engine, resolved on the whole batch (the same on every rank)
@@ -79,14 +80,14 @@ class EnvSplit:
         resolved = resolve_engine(model, engine, inputs.shape[0], n_envs, accepts_outer)
         world = self.world
         if world.size == 1:
-            return LocalBatch(inputs, target, n_envs, None, True, resolved)
+            return LocalBatch(inputs, target, n_envs, 0, None, True, resolved)
         envs = world.env_range(n_envs)
         coupled = couples_examples(model) or has_active_dropout(model)
         if self.bn == "exact" and coupled and resolved in ("shared", "loop"):
-            return LocalBatch(inputs, target, n_envs, envs, True, resolved)
+            return LocalBatch(inputs, target, n_envs, 0, envs, True, resolved)
         per_env = inputs.shape[0] // n_envs
         rows = slice(envs.start * per_env, envs.stop * per_env)
-        return LocalBatch(inputs[rows], target[rows], len(envs), None, False, resolved)
+        return LocalBatch(inputs[rows], target[rows], len(envs), envs.start, None, False, resolved)
 
     def random_stream(self, model: nn.Module, batch: LocalBatch):
         """The random numbers of this rank's forward pass (see the module docstring)."""
@@ -96,13 +97,14 @@ class EnvSplit:
 
     # ---- gradients ------------------------------------------------------------------------------
 
-    def combine(self, combiner: Combiner, grads: list, hparams: dict, n_envs: int):
-        """apply_combiner's result over ALL n_envs environments, from this rank's rows of them."""
+    def combine(self, combiner: Combiner, grads: list, hparams: dict, n_envs: int, hvp=None):
+        """apply_combiner's result over ALL n_envs environments, from this rank's rows of them
+        (`hvp`: `share_hvp`'s, for a combiner that needs Hessian-vector products)."""
         if self.world.size == 1:
-            return apply_combiner(combiner, grads, hparams)
+            return apply_combiner(combiner, grads, hparams, hvp)
         if combiner.sums is not None:
             return self._combine_sums(combiner.sums, grads, hparams, n_envs)
-        return apply_combiner(combiner, self.gather(grads, n_envs), hparams)
+        return apply_combiner(combiner, self.gather(grads, n_envs), hparams, hvp)
 
     def _combine_sums(self, rule: SumRule, grads: list, hparams: dict, n_envs: int):
         totals = [{"n_envs": n_envs} for _ in grads]
@@ -129,6 +131,37 @@ class EnvSplit:
             self._warned = True
         full = iter(self.world.all_gather_rows(rows, self.world.env_counts(n_envs)))
         return [OuterProducts(next(full), next(full)) if isinstance(g, OuterProducts) else next(full) for g in grads]
+
+    def share_hvp(self, hvp, n_envs: int, whole: bool):
+        """Every environment's Hessian-vector products from this rank's `hvp` (its forwarded environments).
+
+        A rank that forwarded the whole batch has every environment's products itself. Otherwise
+        v of shape (P,) is the same on every rank (the combiner runs on the same gathered
+        gradients everywhere); of a per-environment v (E, P) each rank takes its rows; the
+        (E, P) products are the all-gather of every rank's rows.
+        """
+        if self.world.size == 1 or whole:
+            return hvp
+        counts, envs = self.world.env_counts(n_envs), self.world.env_range(n_envs)
+
+        def shared(v):
+            rows = (hvp(v if v.dim() == 1 else v[envs.start:envs.stop]) if len(envs)
+                    else v.new_zeros(0, v.shape[-1]))
+            return self.world.all_gather_rows([rows], counts)[0]
+
+        return shared
+
+    def share_terms(self, terms: dict, n_envs: int) -> dict:
+        """An objective's per-environment terms of every rank (`objective_loss`): this rank's rows as
+        computed (they carry the gradient), the other ranks' as constants."""
+        if self.world.size == 1:
+            return terms
+        envs = self.world.env_range(n_envs)
+        names = list(terms)
+        rows = torch.stack([terms[name].detach() for name in names], dim=1)
+        full = self.world.all_gather_rows([rows], self.world.env_counts(n_envs))[0]
+        return {name: torch.cat([full[:envs.start, i], terms[name], full[envs.stop:, i]])
+                for i, name in enumerate(names)}
 
     def sum_grads(self, params: list[torch.Tensor]):
         """Σ over ranks of every parameter's gradient (a rank without environments adds zeros)."""

@@ -112,13 +112,13 @@ def launch(args, ranks: int, out: str) -> dict:
 
 
 def report(args, results: dict):
-    print(f"torch {torch.__version__}, gloo on the CPU, {args.threads} thread(s) per rank, median of "
-          f"{args.repeats} steps")
+    print(f"torch {torch.__version__}, gloo on the CPU, {args.threads} thread(s) per rank")
     for case, label in (("fastresnet", f"FastResnet per-example AND-mask, batch {args.batch_size}"),
                         ("synthetic", f"synthetic MLP AND-mask, {args.n_envs} environments")):
         if case not in args.cases:
             continue
-        print(f"\n{label}\n{'ranks':>5} {'ms/step':>9} {'speed-up':>9} {'comm ms':>9}")
+        print(f"\n{label}, median of {args.repeats} steps\n{'ranks':>5} {'ms/step':>9} {'speed-up':>9} "
+              f"{'comm ms':>9}")
         one = results[min(results)][case]["step_s"]
         for ranks, by_case in results.items():
             r = by_case[case]

@@ -137,7 +137,7 @@ def checksums(world, out):
     try:
         world.check_identical(tensors, "the second look")
         message = None
-    except RuntimeError as error:
+    except RunError as error:
         message = str(error)
     _save(world, message, out)
 

@@ -151,7 +151,7 @@ class World:
                 dist.broadcast(t, src=0)
 
     def check_identical(self, tensors: list[torch.Tensor], where: str):
-        """RuntimeError naming `where` unless every rank holds the same `tensors` (checksums compared)."""
+        """RunError naming `where` unless every rank holds the same `tensors` (checksums compared)."""
         if self.size == 1:
             return
         flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
@@ -162,8 +162,8 @@ class World:
             dist.all_gather(sums, checksum)
         if any(not torch.equal(s, sums[0]) for s in sums):
             values = ", ".join(f"rank {r}: {float(s[0]):.10g}" for r, s in enumerate(sums))
-            raise RuntimeError(f"the ranks' parameters differ at {where} (checksums {values}): a step was not "
-                               "identical on every rank")
+            raise RunError(f"the ranks' parameters differ at {where} (checksums {values}): a step was not "
+                           "identical on every rank")
 
     # ---- stopping every rank when one fails ----------------------------------------------------
 
@@ -215,13 +215,14 @@ class World:
         except Exception:  # noqa: BLE001 - rank 0 or the store is gone
             return "unrecorded", message
 
-    def close(self):
-        """Stop the watcher and leave the process group."""
+    def close(self, leave_group: bool = True):
+        """Stop the watcher and leave the process group (not after a failure: a broken group may hang
+        in its teardown, and the process ends anyway)."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
-        if self.size > 1 and dist.is_initialized():
+        if leave_group and self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -398,12 +399,13 @@ def stop_together(world: World):
     another rank's failure. An interrupted rank other than 0 (Ctrl-C and SIGTERM reach every
     rank) leaves the verdict to rank 0, which ends the run as interrupted.
     """
+    failed = False
     try:
         yield
     except BaseException as error:
+        failed = not (isinstance(error, SystemExit) and error.code in (0, None))
         interrupted_follower = isinstance(error, KeyboardInterrupt) and not world.is_leader
-        if world.size > 1 and not interrupted_follower and not (isinstance(error, SystemExit)
-                                                                 and error.code in (0, None)):
+        if world.size > 1 and failed and not interrupted_follower:
             outcome, message = world.fail(failure_message(error))
             if outcome == "consequence":
                 raise SystemExit(f"error: {message}" if world.is_leader else 1) from None
@@ -412,4 +414,4 @@ def stop_together(world: World):
         raise
     finally:
         if world is not _shared:
-            world.close()
+            world.close(leave_group=not failed)

@@ -44,7 +44,6 @@ from torch import nn
 
 from and_mask.core.combiners import Combiner, SumRule, apply_combiner
 from and_mask.core.distributed import World
-from and_mask.core.errors import RunError
 from and_mask.core.per_env_grads import OuterProducts, couples_examples, has_active_dropout, resolve_engine
 
 DIST_BN = ("exact", "local")
@@ -184,10 +183,7 @@ class EnvSplit:
 
     def after_step(self, params: list[torch.Tensor], epoch: int, step: int):
         if self.check_every and step % self.check_every == 0:
-            try:
-                self.world.check_identical(params, f"epoch {epoch}, step {step}")
-            except RuntimeError as error:
-                raise RunError(str(error)) from None
+            self.world.check_identical(params, f"epoch {epoch}, step {step}")
 
 
 @contextmanager

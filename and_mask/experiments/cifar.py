@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from and_mask.core.cli import (add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
+                               non_negative_int, positive_float, positive_int)
 from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data
@@ -44,8 +45,8 @@ def add_flags(parser, package):
     train.add_argument("--batch_size", type=positive_int, default=80,
                        help="examples per step; with τ > 0 each is its own environment")
     train.add_argument("--epochs", type=positive_int, default=80)
-    train.add_argument("--init_lr", type=positive_float, required=True,
-                       help="learning rate (x0.1 after 3/4 of all iterations)")
+    train.add_argument("--init_lr", type=positive_float, required=True, help="learning rate")
+    add_lr_milestones_flag(train, "after 3/4 of all iterations, as the original code (the paper: 40,60 of 80 epochs).")
     train.add_argument("--weight_decay", type=non_negative_float, required=True)
     train.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
                        help="before: L2 added to the gradient before Adam's moments; after: decoupled decay")
@@ -56,6 +57,7 @@ def check(args, parser):
         parser.error("the following arguments are required: --output_dir")
     if args.train_subset is not None and args.batch_size > args.train_subset:
         parser.error(f"--batch_size ({args.batch_size}) exceeds --train_subset ({args.train_subset})")
+    check_lr_milestones(parser, args)
 
 
 def build(args, device) -> TrainSetup:
@@ -70,8 +72,12 @@ def build(args, device) -> TrainSetup:
     model = FastResnet().to(device)
     optimizer = AdamFlexibleWeightDecay(model.parameters(), lr=args.init_lr, weight_decay=args.weight_decay,
                                         weight_decay_order=args.weight_decay_order)
-    # Stepped once per iteration: the learning rate drops after 3/4 of all training steps.
-    scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps_per_epoch // 4], gamma=0.1)
+    # Stepped once per iteration: the learning rate drops after 3/4 of all training steps, or after
+    # each epoch of --lr_milestones.
+    milestones = getattr(args, "lr_milestones", None)
+    milestones = ([3 * args.epochs * steps_per_epoch // 4] if milestones is None
+                  else [m * steps_per_epoch for m in milestones])
+    scheduler = MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
     def train_batches(epoch):
         # Every example is its own environment (E = batch size, one example each). For an

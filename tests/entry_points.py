@@ -10,6 +10,7 @@ ENTRY_POINTS = (
     "and_mask.run_colored_mnist",
     "and_mask.run_cifar",
     "and_mask.summarize",
+    "and_mask.paper.masked_noise",
     "gen_mask.run_synthetic",
     "gen_mask.run_colored_mnist",
     "gen_mask.run_cifar",

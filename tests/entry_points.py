@@ -11,6 +11,8 @@ ENTRY_POINTS = (
     "and_mask.run_cifar",
     "and_mask.summarize",
     "and_mask.paper.masked_noise",
+    "and_mask.paper.env_count",
+    "and_mask.paper.synthetic_results",
     "gen_mask.run_synthetic",
     "gen_mask.run_colored_mnist",
     "gen_mask.run_cifar",

@@ -1,0 +1,154 @@
+"""What the training analyses share: ordinary runs in sub-folders, resumed where they stopped.
+
+An analysis is a list of `RunSpec`s (a sub-folder name, an entry module and its flags). `run_all`
+checks every spec's flags with the module's parser first (a typo fails before anything trains),
+then runs each one in this process with `module.main(argv + ["--output_dir", folder])`: a
+finished run (its metrics.jsonl ends with the final evaluation) is skipped, a started one is
+continued with --resume, and a run that fails with an error is reported and the others go on.
+`collect` reads the runs back; it never trains.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from and_mask.core.errors import RunError
+from and_mask.core.runlog import CONFIG, read_config, read_metrics
+from vizualization import plot_runs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # sub-folder of the analysis folder
+    module: str  # entry module, e.g. "gen_mask.run_synthetic"
+    argv: tuple  # its flags, without --output_dir and --resume
+    labels: dict = field(default_factory=dict, compare=False)  # what the tables group by (method, seed, ...)
+
+    def command(self, out) -> str:
+        return shlex.join(["python", "-m", self.module, *self.argv, "--output_dir", str(Path(out) / self.name)])
+
+
+def add_run_flags(parser: argparse.ArgumentParser, methods_default: str | None, seeds_default: str):
+    """Flags shared by the training analyses: methods (unless None), per-method and common flags, seeds, dry run."""
+    group = parser.add_argument_group("runs")
+    if methods_default is not None:
+        group.add_argument("--methods", default=methods_default,
+                           help="Comma-separated --method values of the run module (combiners or baselines).")
+        group.add_argument("--method_flags", action="append", metavar="NAME=FLAGS",
+                           help="Extra flags for one method, e.g. \"and_mask=--agreement_threshold 0.9\", after "
+                                "the analysis' own for it; repeatable.")
+    group.add_argument("--run_flags", default="",
+                       help="Extra flags for every run, written --run_flags=\"--epochs 20\" (with the =); they "
+                            "override the analysis' own.")
+    group.add_argument("--seeds", default=seeds_default, help="Comma-separated non-negative seeds.")
+    group.add_argument("--dry_run", action="store_true",
+                       help="Print the command of every run that is not finished, and train nothing.")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    methods: list  # in the order given
+    seeds: list
+    per_method: dict  # method -> its extra flags
+    common: list  # flags for every run, after the analysis' own
+
+    def flags(self, method) -> list:
+        return [*self.per_method.get(method, []), *self.common]
+
+
+def run_options(parser, args, method_defaults=None) -> RunOptions:
+    """The parsed --methods, --seeds, --method_flags and --run_flags, or a one-line parser error.
+
+    `method_defaults` ({method: flags}) go before a method's --method_flags, so these override them.
+    """
+    methods = list(dict.fromkeys(m.strip() for m in getattr(args, "methods", "").split(",") if m.strip()))
+    if hasattr(args, "methods") and not methods:
+        parser.error("--methods: give at least one method")
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds}")
+    if not seeds or min(seeds) < 0:
+        parser.error(f"--seeds: expected non-negative integers, got {args.seeds}")
+    per_method = {m: list(f) for m, f in (method_defaults or {}).items() if m in methods}
+    try:
+        for item in getattr(args, "method_flags", None) or ():
+            name, sep, text = item.partition("=")
+            if not sep or name.strip() not in methods:
+                parser.error(f"--method_flags {item!r}: expected NAME=FLAGS with NAME one of --methods")
+            per_method.setdefault(name.strip(), []).extend(shlex.split(text))
+        common = shlex.split(args.run_flags)
+    except ValueError as error:  # unbalanced quotes
+        parser.error(f"--method_flags / --run_flags: {error}")
+    return RunOptions(methods, seeds, per_method, common)
+
+
+def is_finished(run_dir) -> bool:
+    records = read_metrics(run_dir)
+    return bool(records) and records[-1].get("phase") == "final"
+
+
+def validate(parser, specs):
+    """Parse every spec's flags with its module's parser; the first bad one is this parser's error."""
+    for spec in specs:
+        try:
+            importlib.import_module(spec.module).build_parser().parse_args([*spec.argv, "--output_dir", "unused"])
+        except SystemExit:
+            parser.error(f"{spec.module} refuses the flags of run {spec.name} (its message is above)")
+
+
+def run_all(specs, out, dry_run=False) -> list[str]:
+    """Train every unfinished spec into out/NAME; returns one line per run that failed."""
+    out = Path(out)
+    failures = []
+    for spec in specs:
+        folder = out / spec.name
+        if is_finished(folder):
+            continue
+        if dry_run:
+            print(spec.command(out))
+            continue
+        argv = [*spec.argv, "--output_dir", str(folder)] + (["--resume"] if (folder / CONFIG).exists() else [])
+        print(f"[{spec.name}] {spec.command(out)}", flush=True)
+        try:
+            importlib.import_module(spec.module).main(argv)
+        except SystemExit as stop:
+            message = f"exit status {stop.code}" if isinstance(stop.code, int) else str(stop.code)
+            if message.startswith("interrupted"):  # Ctrl-C ends the whole analysis, not just this run
+                raise
+            failures.append(f"{spec.name}: {message}")
+            print(f"[{spec.name}] failed: {message}", file=sys.stderr, flush=True)
+    return failures
+
+
+def collect(specs, out) -> list[dict]:
+    """For every finished spec: its labels, final record, epoch records and flags in effect."""
+    results = []
+    for spec in specs:
+        folder = Path(out) / spec.name
+        if not is_finished(folder):
+            continue
+        records = read_metrics(folder)
+        results.append({**spec.labels, "name": spec.name, "dir": folder, "final": records[-1],
+                        "epochs": [r for r in records if r.get("phase") == "epoch"],
+                        "flags": read_config(folder)["flags"]})
+    if not results:
+        raise RunError(f"no finished run under {out}")
+    return results
+
+
+def plot_curves(args, results) -> list:
+    """Accuracy, loss and mask-density curves of the runs, mean ± std by method (`vizualization.plot_runs`)."""
+    return plot_runs.main([str(r["dir"]) for r in results] + ["--out", str(args.out), "--dpi", str(args.dpi)]
+                          + (["--pdf"] if args.pdf else []))
+
+
+def write_text(out, name, text) -> Path:
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

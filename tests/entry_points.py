@@ -13,6 +13,8 @@ ENTRY_POINTS = (
     "and_mask.paper.masked_noise",
     "and_mask.paper.env_count",
     "and_mask.paper.synthetic_results",
+    "and_mask.paper.memorization",
+    "and_mask.paper.label_noise",
     "gen_mask.run_synthetic",
     "gen_mask.run_colored_mnist",
     "gen_mask.run_cifar",

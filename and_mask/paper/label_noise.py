@@ -11,8 +11,8 @@ of the training images get a uniform random label (the paper shuffled a quarter 
 `relabelled` is the part whose label changed, scored against the wrong labels: a model that
 memorises them climbs towards 100 %, one that predicts the true classes stays below chance (10 %).
 
-Writes label_noise.md (final and best accuracies, and the paper's claim with a verdict) and the
-accuracy curves of `vizualization.plot_runs` (the relabelled and test panels are Fig. 9's).
+Writes label_noise.md (final and best accuracies, and the paper's claim with a verdict) and
+accuracy.png, the accuracy curves of the runs (its relabelled and test panels are Fig. 9).
 """
 from __future__ import annotations
 
@@ -99,11 +99,12 @@ def main(argv=None):
         return None
     results = collect(specs, args.out)
     text = table(results, options.methods, args)
-    print(write_text(args.out, "label_noise.md", text))
-    plot_curves(args, results)
+    paths = [write_text(args.out, "label_noise.md", text)] + plot_curves(args, results)
     print(text)
     for line in failures:
         print(f"failed: {line}")
+    for path in paths:
+        print(path)
     return results
 
 

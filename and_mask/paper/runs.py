@@ -142,9 +142,9 @@ def collect(specs, out) -> list[dict]:
 
 
 def plot_curves(args, results) -> list:
-    """Accuracy, loss and mask-density curves of the runs, mean ± std by method (`vizualization.plot_runs`)."""
-    return plot_runs.main([str(r["dir"]) for r in results] + ["--out", str(args.out), "--dpi", str(args.dpi)]
-                          + (["--pdf"] if args.pdf else []))
+    """accuracy.png: every accuracy curve of the runs, mean ± std by method (as `vizualization.plot_runs`)."""
+    groups = plot_runs.group_runs([plot_runs.load_run(r["dir"]) for r in results])
+    return plot_runs.plot_metric(args, groups, "_acc", "accuracy", "accuracy")
 
 
 def write_text(out, name, text) -> Path:

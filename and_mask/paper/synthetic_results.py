@@ -10,7 +10,7 @@ geometric mean at the registry's τ = 1 with rescaling). Any method of the regis
 baseline picked with --method) can be listed in --methods; --method_flags tunes one of them.
 
 Writes synthetic_results.md (mean ± std over seeds of the final test accuracy and more, and
-the paper's claim with a verdict) and the accuracy curves of `vizualization.plot_runs`.
+the paper's claim with a verdict) and accuracy.png, the accuracy curves of the runs.
 """
 from __future__ import annotations
 
@@ -99,11 +99,12 @@ def main(argv=None):
         return None
     results = collect(specs, args.out)
     text = table(results, options.methods, args)
-    print(write_text(args.out, "synthetic_results.md", text))
-    plot_curves(args, results)
+    paths = [write_text(args.out, "synthetic_results.md", text)] + plot_curves(args, results)
     print(text)
     for line in failures:
         print(f"failed: {line}")
+    for path in paths:
+        print(path)
     return results
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import (add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
+from and_mask.core.cli import (MAX_SEED, add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
                                positive_float, positive_int, probability)
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.common import env_group_batches
@@ -76,49 +76,51 @@ PROTOCOLS = {
 def add_flags(parser, package):
     group = parser.add_argument_group("synthetic task")
     group.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
-                       help="Which defaults the data and schedule flags take: original (the original code's) or "
-                            "paper (Appendix B of the paper); a flag given explicitly overrides its protocol value.")
+                       help="Where the data and schedule flags not given take their values: original (the "
+                            "original code's) or paper (Appendix B of the paper).")
     group.add_argument("--examples_per_env", type=positive_int, default=None,
-                       help="Training examples per environment. None: the protocol's (original 1024, paper 1280).")
-    group.add_argument("--n_test", type=positive_int, default=2000,
-                       help="Test examples, whose signatures are noise.")
+                       help="Training examples per environment. Default: the protocol's (original 1024, paper 1280).")
+    group.add_argument("--n_test", type=positive_int, default=2000, help="Test examples, whose signatures are noise.")
     if package == "and_mask":
         group.add_argument("--n_train_envs", type=positive_int, default=None,
-                           help="Training environments. None: the protocol's (original 16, paper 32).")
+                           help="Training environments. Default: the protocol's (original 16, paper 32).")
         group.add_argument("--n_agreement_envs", type=positive_int, default=None,
-                           help="Environments per step whose gradients are combined; divides --n_train_envs. "
-                                "None: the protocol's (original 16, paper 32).")
+                           help="Environments whose gradients are combined at each step; it divides --n_train_envs. "
+                                "Default: the protocol's (original 16, paper 32).")
     else:
         group.add_argument("--n_envs", type=positive_int, default=None,
                            help="Training environments, all combined at every step. "
-                                "None: the protocol's (original 16, paper 32).")
+                                "Default: the protocol's (original 16, paper 32).")
     group.add_argument("--n_revolutions", type=positive_int, default=3, help="Turns of each spiral.")
     group.add_argument("--n_dims", type=positive_int, default=None,
-                       help="Dimensions of the signature shortcut. None: the protocol's (original 8, paper 32).")
+                       help="Dimensions of the signature shortcut. Default: the protocol's (original 8, paper 32).")
     group.add_argument("--signature_std", type=positive_float, default=None,
-                       help="Standard deviation of the signature entries. None: the protocol's (original 1, "
+                       help="Standard deviation of the signature entries. Default: the protocol's (original 1, "
                             "paper √0.1 ≈ 0.316, the paper's N(0, 0.1) read as variance 0.1).")
     group.add_argument("--batch_size", type=positive_int, default=None,
-                       help="Examples per environment per step. None: the protocol's (original 256, paper 128).")
+                       help="Examples per environment per step. Default: the protocol's (original 256, paper 128).")
     group.add_argument("--epochs", type=positive_int, default=None,
-                       help="Training epochs. None: the protocol's (original 150, paper ⌈3000 / training "
+                       help="Training epochs. Default: the protocol's (original 150, paper ⌈3000 / training "
                             "environments⌉, 94 for 32).")
-    group.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate.")
-    add_lr_milestones_flag(group, "the protocol's (original 3/4 of the epochs, paper 1/2 and 3/4).")
+    group.add_argument("--lr", type=positive_float, default=1e-2,
+                       help="Adam's learning rate at the start (see --lr_milestones).")
+    add_lr_milestones_flag(group, "the protocol's (original after 3/4 of the epochs, paper after 1/2 and 3/4).")
     group.add_argument("--stop_train_acc_above", type=fraction, default=None,
                        help="Early stop: end training after an epoch whose running training accuracy exceeds this "
                             "while the test accuracy is below --stop_test_acc_below; 1 never stops. "
-                            "None: the protocol's (original 1, paper 0.97).")
+                            "Default: the protocol's (original 1, paper 0.97).")
     group.add_argument("--stop_test_acc_below", type=fraction, default=None,
                        help="The test-accuracy side of the early stop; 0 never stops. "
-                            "None: the protocol's (original 0, paper 0.6).")
+                            "Default: the protocol's (original 0, paper 0.6).")
     group.add_argument("--weight_decay", type=non_negative_float, default=1e-3, help="Adam's coupled L2 weight decay.")
-    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0, help="1: BatchNorm after each hidden layer.")
-    group.add_argument("--dropout_p", type=probability, default=0.0, help="Dropout probability after each hidden layer.")
-    group.add_argument("--n_hidden_units", type=positive_int, default=256, help="Units per hidden layer.")
+    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0,
+                       help="1: BatchNorm after every hidden Linear layer; 0: none.")
+    group.add_argument("--dropout_p", type=probability, default=0.0,
+                       help="Dropout probability after every hidden layer, in [0, 1).")
+    group.add_argument("--n_hidden_units", type=positive_int, default=256, help="Units of every hidden layer.")
     group.add_argument("--n_hidden_layers", type=positive_int, default=3, help="Hidden layers of the MLP.")
     group.add_argument("--l1_coef", type=non_negative_float, default=0.0,
-                       help="Adds l1_coef · sign(θ) to every gradient.")
+                       help="Adds l1_coef·sign(θ) to every gradient, after combining.")
 
 
 def env_counts(args):
@@ -155,6 +157,9 @@ def check(args, parser):
     n_train, n_agree = env_counts(args)
     if n_train % n_agree:
         parser.error(f"--n_train_envs ({n_train}) must be a multiple of --n_agreement_envs ({n_agree})")
+    if args.seed + n_train - 1 > MAX_SEED:
+        parser.error(f"--seed {args.seed} is too large: environment e draws its data with seed + e, and "
+                     f"seed + {n_train - 1} exceeds numpy's largest seed {MAX_SEED}")
     if args.batch_size > args.examples_per_env:
         parser.error(f"--batch_size ({args.batch_size}) exceeds --examples_per_env ({args.examples_per_env})")
     check_lr_milestones(parser, args)

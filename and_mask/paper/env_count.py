@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 from matplotlib.ticker import NullLocator
 
-from and_mask.core.cli import positive_int, positive_list, probability
+from and_mask.core.cli import entry_parser, positive_int, positive_list, probability
 from and_mask.paper.runs import RunSpec, add_run_flags, collect, run_all, run_options, validate, write_text
 from and_mask.summarize import mean_std
 from vizualization.plotting import add_output_flags, figure, run_cli, save
@@ -115,10 +115,9 @@ def plot(cells, methods, envs, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m and_mask.paper.env_count",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("and_mask.paper.env_count", __doc__)
     group = parser.add_argument_group("design")
-    group.add_argument("--envs", type=positive_list(int, "numbers of environments"), default=FIG15_ENVS,
+    group.add_argument("--envs", type=positive_list(positive_int, "numbers of environments"), default=FIG15_ENVS,
                        help="Comma-separated numbers of training environments D; each divides the two sizes below.")
     group.add_argument("--total_examples", type=positive_int, default=40960, help="Training examples, split into D.")
     group.add_argument("--examples_per_step", type=positive_int, default=4096,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from and_mask.core.cli import probability
+from and_mask.core.cli import entry_parser, probability
 from and_mask.paper.memorization import COMMON_FLAGS, add_scale_flags, check_scale, scale_argv
 from and_mask.paper.runs import (RunSpec, add_run_flags, collect, plot_curves, run_all, run_options, validate,
                                  write_text)
@@ -69,8 +69,7 @@ def table(results, methods, args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m and_mask.paper.label_noise",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("and_mask.paper.label_noise", __doc__)
     parser.add_argument("--noise_fraction", type=probability, default=0.25,
                         help="Fraction of training images given a random label.")
     parser.add_argument("--memorised_acc", type=probability, default=0.5,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from and_mask.and_mask_utils import agreement_mask
-from and_mask.core.cli import positive_float, positive_int, positive_list
+from and_mask.core.cli import entry_parser, positive_float, positive_int, positive_list, seed_int
 from vizualization.plotting import add_output_flags, figure, run_cli, save
 
 FIG4_ENVS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 50, 64, 80, 100, 128, 160, 200)
@@ -154,16 +154,15 @@ def fraction_above_half(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m and_mask.paper.masked_noise",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("and_mask.paper.masked_noise", __doc__)
     parser.add_argument("--n_params", type=positive_int, default=3000, help="Parameters n (the paper's |θ|).")
-    parser.add_argument("--envs", type=positive_list(int, "numbers of environments"), default=FIG4_ENVS,
+    parser.add_argument("--envs", type=positive_list(positive_int, "numbers of environments"), default=FIG4_ENVS,
                         help="Comma-separated numbers of environments d, each at least 2.")
     parser.add_argument("--agreement_fraction", type=fraction_above_half, default=0.8,
                         help="t/d: a coordinate is kept when at least ⌈fraction · d⌉ signs agree (the paper: 0.8).")
     parser.add_argument("--sigma", type=positive_float, default=1.0, help="Standard deviation σ of every gradient entry.")
     parser.add_argument("--repeats", type=positive_int, default=100, help="Monte Carlo draws per d.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the Monte Carlo draws.")
+    parser.add_argument("--seed", type=seed_int, default=0, help="Seed of the Monte Carlo draws.")
     add_output_flags(parser)
     return parser
 

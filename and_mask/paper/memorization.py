@@ -20,7 +20,7 @@ import argparse
 
 import numpy as np
 
-from and_mask.core.cli import add_lr_milestones_flag, check_lr_milestones, positive_int
+from and_mask.core.cli import add_lr_milestones_flag, check_lr_milestones, entry_parser, positive_int
 from and_mask.paper.runs import RunSpec, add_run_flags, collect, run_all, run_options, validate, write_text
 from and_mask.summarize import mean_std
 from vizualization.plotting import add_output_flags, figure, run_cli, save
@@ -39,7 +39,7 @@ def tau_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated thresholds, got {text}")
     if not values or not all(0 <= v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected thresholds in [0, 1], got {text}")
-    return values
+    return tuple(values)
 
 
 def add_scale_flags(parser, milestone_fractions: tuple):
@@ -50,11 +50,12 @@ def add_scale_flags(parser, milestone_fractions: tuple):
     group = parser.add_argument_group("scale (default: the paper's CIFAR-10 runs)")
     group.add_argument("--dataset", choices=["cifar10", "fashion_mnist"], default="cifar10",
                        help="cifar10, or fashion_mnist resized to 32×32 RGB.")
-    group.add_argument("--data_path", default=None, help="torchvision root of the data. None: data/.")
+    group.add_argument("--data_path", default=None,
+                       help="Torchvision root holding the data. Default: the repository's data/ folder.")
     group.add_argument("--train_subset", type=positive_int, default=None,
-                       help="Train on the first N images only. None: the whole training set.")
+                       help="Train on the first N images only. Default: the whole training set.")
     group.add_argument("--test_subset", type=positive_int, default=None,
-                       help="Evaluate on the first N test images only. None: the whole test set.")
+                       help="Evaluate on the first N test images only. Default: the whole test set.")
     group.add_argument("--epochs", type=positive_int, default=80, help="Training epochs of every run.")
     group.add_argument("--batch_size", type=positive_int, default=80,
                        help="Examples per step, each its own environment.")
@@ -141,8 +142,7 @@ def plot(cells, taus, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m and_mask.paper.memorization",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("and_mask.paper.memorization", __doc__)
     parser.add_argument("--taus", type=tau_list, default=FIG8_TAUS, help="Comma-separated thresholds τ in [0, 1].")
     add_scale_flags(parser, milestone_fractions=(0.5, 0.75))
     add_run_flags(parser, methods_default=None, seeds_default="0,1")

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from and_mask.core.cli import MAX_SEED
 from and_mask.core.errors import RunError
 from and_mask.core.runlog import CONFIG, read_config, read_metrics
 from vizualization import plot_runs
@@ -40,11 +41,11 @@ def add_run_flags(parser: argparse.ArgumentParser, methods_default: str | None, 
                            help="Comma-separated --method values of the run module (combiners or baselines).")
         group.add_argument("--method_flags", action="append", metavar="NAME=FLAGS",
                            help="Extra flags for one method, e.g. \"and_mask=--agreement_threshold 0.9\", after "
-                                "the analysis' own for it; repeatable.")
-    group.add_argument("--run_flags", default="",
+                                "the analysis' own for it; repeatable. Default: none.")
+    group.add_argument("--run_flags", default=None,
                        help="Extra flags for every run, written --run_flags=\"--epochs 20\" (with the =); they "
-                            "override the analysis' own.")
-    group.add_argument("--seeds", default=seeds_default, help="Comma-separated non-negative seeds.")
+                            "override the analysis' own. Default: none.")
+    group.add_argument("--seeds", default=seeds_default, help="Comma-separated seeds of the runs.")
     group.add_argument("--dry_run", action="store_true",
                        help="Print the command of every run that is not finished, and train nothing.")
 
@@ -72,8 +73,8 @@ def run_options(parser, args, method_defaults=None) -> RunOptions:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds}")
-    if not seeds or min(seeds) < 0:
-        parser.error(f"--seeds: expected non-negative integers, got {args.seeds}")
+    if not seeds or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        parser.error(f"--seeds: expected integers in [0, 2**32 - 1], got {args.seeds}")
     per_method = {m: list(f) for m, f in (method_defaults or {}).items() if m in methods}
     try:
         for item in getattr(args, "method_flags", None) or ():
@@ -81,7 +82,7 @@ def run_options(parser, args, method_defaults=None) -> RunOptions:
             if not sep or name.strip() not in methods:
                 parser.error(f"--method_flags {item!r}: expected NAME=FLAGS with NAME one of --methods")
             per_method.setdefault(name.strip(), []).extend(shlex.split(text))
-        common = shlex.split(args.run_flags)
+        common = shlex.split(args.run_flags or "")
     except ValueError as error:  # unbalanced quotes
         parser.error(f"--method_flags / --run_flags: {error}")
     return RunOptions(methods, seeds, per_method, common)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from and_mask.core.cli import probability
+from and_mask.core.cli import entry_parser, probability
 from and_mask.paper.runs import (RunSpec, add_run_flags, collect, plot_curves, run_all, run_options, validate,
                                  write_text)
 from and_mask.summarize import mean_std
@@ -72,8 +72,7 @@ def table(results, methods, args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m and_mask.paper.synthetic_results",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("and_mask.paper.synthetic_results", __doc__)
     group = parser.add_argument_group("verdicts")
     group.add_argument("--learned_acc", type=probability, default=0.95,
                        help="A claim that a method learns the spiral holds when its mean final test accuracy "

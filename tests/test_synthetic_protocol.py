@@ -56,8 +56,8 @@ def test_paper_protocol_values_and_explicit_flags_override_them():
 
 @pytest.mark.parametrize("bad, message", [
     (["--lr_milestones", "94"], "must be below --epochs (94)"),
-    (["--lr_milestones", "0"], "expected positive epochs"),
-    (["--lr_milestones", "1,x"], "expected comma-separated epochs"),
+    (["--lr_milestones", "0"], "expected comma-separated positive epochs, got 0"),
+    (["--lr_milestones", "1,x"], "expected comma-separated positive epochs, got 1,x"),
     (["--stop_test_acc_below", "1.5"], "[0, 1]"),
     (["--signature_std", "nan"], "positive finite"),
     (["--protocol", "iclr"], "invalid choice"),

@@ -22,9 +22,9 @@ import numpy as np
 from matplotlib.ticker import NullLocator
 
 from and_mask.core.cli import entry_parser, positive_int, positive_list, probability
-from and_mask.paper.runs import RunSpec, add_run_flags, collect, run_all, run_options, validate, write_text
+from and_mask.paper.runs import RunSpec, add_run_flags, analyse, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import add_output_flags, figure, run_cli, save
+from vizualization.plotting import figure, run_cli, save
 
 MODULE = "gen_mask.run_synthetic"
 FIG15_ENVS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -126,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--success_acc", type=probability, default=0.9,
                        help="A method succeeds at D when its best test accuracy reaches this.")
     add_run_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2,3,4")
-    add_output_flags(parser)
     return parser
 
 
@@ -134,21 +133,13 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     options = run_options(parser, args)
-    specs = specs_of(args, parser, options)
-    validate(parser, specs)
-    failures = run_all(specs, args.out, args.dry_run)
-    if args.dry_run:
-        return None
     methods = options.methods
-    cells, first = summarise(collect(specs, args.out), methods, args.envs, args.success_acc)
-    text = table(cells, first, methods, args.envs, args)
-    paths = plot(cells, methods, args.envs, args) + [write_text(args.out, "env_count.md", text)]
-    print(text)
-    for line in failures:
-        print(f"failed: {line}")
-    for path in paths:
-        print(path)
-    return cells, first
+
+    def report(results):
+        cells, first = summarise(results, methods, args.envs, args.success_acc)
+        return table(cells, first, methods, args.envs, args), plot(cells, methods, args.envs, args), (cells, first)
+
+    return analyse(parser, args, specs_of(args, parser, options), "env_count", report)
 
 
 if __name__ == "__main__":

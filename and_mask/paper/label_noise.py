@@ -21,10 +21,9 @@ import statistics
 
 from and_mask.core.cli import entry_parser, probability
 from and_mask.paper.memorization import COMMON_FLAGS, add_scale_flags, check_scale, scale_argv
-from and_mask.paper.runs import (RunSpec, add_run_flags, collect, plot_curves, run_all, run_options, validate,
-                                 write_text)
+from and_mask.paper.runs import add_run_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import add_output_flags, run_cli
+from vizualization.plotting import run_cli
 
 MODULE = "gen_mask.run_cifar"
 CHANCE = 0.1  # ten classes
@@ -49,8 +48,7 @@ def table(results, methods, args) -> str:
              f"holds at ≥ {100 * args.memorised_acc:.0f} % there.", "",
              "| method | relabelled: final | relabelled: max | test: final | test: best (epoch) | train_eval: final "
              "| paper's claim: verdict |", "|---" * 7 + "|"]
-    for method in methods:
-        runs = [r for r in results if r["method"] == method]
+    for method, runs in by_method(results, methods):
         if not runs:
             lines.append(f"| {method} | – | – | – | – | – | no finished run |")
             continue
@@ -76,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Averaging counts as having memorised the wrong labels at this relabelled accuracy.")
     add_scale_flags(parser, milestone_fractions=(0.75,))
     add_run_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2")
-    add_output_flags(parser)
     return parser
 
 
@@ -87,24 +84,9 @@ def main(argv=None):
     if args.noise_fraction == 0:
         parser.error("--noise_fraction must be above 0: the analysis scores the relabelled images")
     options = run_options(parser, args, method_defaults=PAPER_METHOD_FLAGS)
-    specs = [RunSpec(f"{method}-seed{seed}", MODULE,
-                     (*COMMON_FLAGS, *scale_argv(args), "--method", method, "--random_labels_fraction",
-                      f"{args.noise_fraction:g}", "--seed", str(seed), *options.flags(method)),
-                     {"method": method, "seed": seed})
-             for method in options.methods for seed in options.seeds]
-    validate(parser, specs)
-    failures = run_all(specs, args.out, args.dry_run)
-    if args.dry_run:
-        return None
-    results = collect(specs, args.out)
-    text = table(results, options.methods, args)
-    paths = [write_text(args.out, "label_noise.md", text)] + plot_curves(args, results)
-    print(text)
-    for line in failures:
-        print(f"failed: {line}")
-    for path in paths:
-        print(path)
-    return results
+    base = [*COMMON_FLAGS, *scale_argv(args), "--random_labels_fraction", f"{args.noise_fraction:g}"]
+    return analyse(parser, args, method_seed_specs(MODULE, options, base), "label_noise",
+                   lambda results: (table(results, options.methods, args), plot_curves(args, results), results))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import argparse
 import numpy as np
 
 from and_mask.core.cli import add_lr_milestones_flag, check_lr_milestones, entry_parser, positive_int
-from and_mask.paper.runs import RunSpec, add_run_flags, collect, run_all, run_options, validate, write_text
+from and_mask.paper.runs import RunSpec, add_run_flags, analyse, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import add_output_flags, figure, run_cli, save
+from vizualization.plotting import figure, run_cli, save
 
 MODULE = "gen_mask.run_cifar"
 FIG8_TAUS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -146,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--taus", type=tau_list, default=FIG8_TAUS, help="Comma-separated thresholds τ in [0, 1].")
     add_scale_flags(parser, milestone_fractions=(0.5, 0.75))
     add_run_flags(parser, methods_default=None, seeds_default="0,1")
-    add_output_flags(parser)
     return parser
 
 
@@ -155,20 +154,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_scale(parser, args)
     options = run_options(parser, args)
-    specs = specs_of(args, options)
-    validate(parser, specs)
-    failures = run_all(specs, args.out, args.dry_run)
-    if args.dry_run:
-        return None
-    cells = cells_of(collect(specs, args.out))
-    text = table(cells, args.taus, args)
-    paths = plot(cells, args.taus, args) + [write_text(args.out, "memorization.md", text)]
-    print(text)
-    for line in failures:
-        print(f"failed: {line}")
-    for path in paths:
-        print(path)
-    return cells
+
+    def report(results):
+        cells = cells_of(results)
+        return table(cells, args.taus, args), plot(cells, args.taus, args), cells
+
+    return analyse(parser, args, specs_of(args, options), "memorization", report)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from and_mask.core.cli import MAX_SEED
 from and_mask.core.errors import RunError
 from and_mask.core.runlog import CONFIG, read_config, read_metrics
 from vizualization import plot_runs
+from vizualization.plotting import add_output_flags
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class RunSpec:
 
 
 def add_run_flags(parser: argparse.ArgumentParser, methods_default: str | None, seeds_default: str):
-    """Flags shared by the training analyses: methods (unless None), per-method and common flags, seeds, dry run."""
+    """Flags of every training analysis: methods (unless None), per-method and common flags, seeds, dry
+    run, and the output flags (--out, --dpi, --pdf)."""
     group = parser.add_argument_group("runs")
     if methods_default is not None:
         group.add_argument("--methods", default=methods_default,
@@ -48,6 +50,7 @@ def add_run_flags(parser: argparse.ArgumentParser, methods_default: str | None, 
     group.add_argument("--seeds", default=seeds_default, help="Comma-separated seeds of the runs.")
     group.add_argument("--dry_run", action="store_true",
                        help="Print the command of every run that is not finished, and train nothing.")
+    add_output_flags(parser)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,19 @@ def run_options(parser, args, method_defaults=None) -> RunOptions:
     except ValueError as error:  # unbalanced quotes
         parser.error(f"--method_flags / --run_flags: {error}")
     return RunOptions(methods, seeds, per_method, common)
+
+
+def by_method(results, methods) -> list:
+    """[(method, its finished runs)] in the order of `methods`; a method without any gets []."""
+    return [(method, [r for r in results if r["method"] == method]) for method in methods]
+
+
+def method_seed_specs(module, options, base_flags) -> list[RunSpec]:
+    """One run per method and seed (sub-folder METHOD-seedS): base flags, --method, --seed, then extra flags."""
+    return [RunSpec(f"{method}-seed{seed}", module,
+                    (*base_flags, "--method", method, "--seed", str(seed), *options.flags(method)),
+                    {"method": method, "seed": seed})
+            for method in options.methods for seed in options.seeds]
 
 
 def is_finished(run_dir) -> bool:
@@ -140,6 +156,27 @@ def collect(specs, out) -> list[dict]:
     if not results:
         raise RunError(f"no finished run under {out}")
     return results
+
+
+def analyse(parser, args, specs, name, report):
+    """Check and run `specs` into --out (or, with --dry_run, print their commands), then report.
+
+    `report(results)` gets the finished runs (`collect`) and returns (Markdown text, figure
+    paths, value); the text is written to --out/NAME.md and printed with the failures and paths,
+    and the value returned (None after a dry run).
+    """
+    validate(parser, specs)
+    failures = run_all(specs, args.out, args.dry_run)
+    if args.dry_run:
+        return None
+    text, figures, value = report(collect(specs, args.out))
+    paths = figures + [write_text(args.out, f"{name}.md", text)]
+    print(text)
+    for line in failures:
+        print(f"failed: {line}")
+    for path in paths:
+        print(path)
+    return value
 
 
 def plot_curves(args, results) -> list:

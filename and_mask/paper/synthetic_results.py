@@ -18,10 +18,9 @@ import argparse
 import statistics
 
 from and_mask.core.cli import entry_parser, probability
-from and_mask.paper.runs import (RunSpec, add_run_flags, collect, plot_curves, run_all, run_options, validate,
-                                 write_text)
+from and_mask.paper.runs import add_run_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import add_output_flags, run_cli
+from vizualization.plotting import run_cli
 
 MODULE = "gen_mask.run_synthetic"
 BASE_FLAGS = ["--protocol", "paper", "--weight_decay", "1e-4", "--quiet"]
@@ -55,8 +54,7 @@ def table(results, methods, args) -> str:
              f"≤ {100 * args.chance_acc:.0f} %.", "",
              "| method | final test acc (%) | best test acc (%) | last-epoch train acc (%) | epochs trained "
              "| stopped early | paper's claim: verdict |", "|---" * 7 + "|"]
-    for method in methods:
-        runs = [r for r in results if r["method"] == method]
+    for method, runs in by_method(results, methods):
         if not runs:
             lines.append(f"| {method} | – | – | – | – | – | no finished run |")
             continue
@@ -80,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--chance_acc", type=probability, default=0.6,
                        help="A claim of chance holds when the mean final test accuracy is at most this.")
     add_run_flags(parser, methods_default="and_mask,mean,geom_mean", seeds_default="0,1,2,3,4")
-    add_output_flags(parser)
     return parser
 
 
@@ -88,23 +85,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     options = run_options(parser, args)
-    specs = [RunSpec(f"{method}-seed{seed}", MODULE,
-                     (*BASE_FLAGS, "--method", method, "--seed", str(seed), *options.flags(method)),
-                     {"method": method, "seed": seed})
-             for method in options.methods for seed in options.seeds]
-    validate(parser, specs)
-    failures = run_all(specs, args.out, args.dry_run)
-    if args.dry_run:
-        return None
-    results = collect(specs, args.out)
-    text = table(results, options.methods, args)
-    paths = [write_text(args.out, "synthetic_results.md", text)] + plot_curves(args, results)
-    print(text)
-    for line in failures:
-        print(f"failed: {line}")
-    for path in paths:
-        print(path)
-    return results
+    return analyse(parser, args, method_seed_specs(MODULE, options, BASE_FLAGS), "synthetic_results",
+                   lambda results: (table(results, options.methods, args), plot_curves(args, results), results))
 
 
 if __name__ == "__main__":

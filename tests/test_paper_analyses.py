@@ -33,6 +33,8 @@ def test_finished_runs_are_skipped_and_started_ones_resumed(tmp_path, capsys, mo
     (tmp_path / "a" / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     assert runs.run_all([spec], tmp_path) == []
     assert len(calls) == 2 and "--resume" not in calls[0] and calls[1][-1] == "--resume"
+    command = json.loads((tmp_path / "a" / "config.json").read_text())["command"]
+    assert command.startswith("run_synthetic.py --method mean") and command.endswith("--resume")
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in first]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "a")] == strip
 

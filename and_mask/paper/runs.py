@@ -131,14 +131,18 @@ def run_all(specs, out, dry_run=False) -> list[str]:
             continue
         argv = [*spec.argv, "--output_dir", str(folder)] + (["--resume"] if (folder / CONFIG).exists() else [])
         print(f"[{spec.name}] {spec.command(out)}", flush=True)
+        module, saved_argv = importlib.import_module(spec.module), sys.argv
+        sys.argv = [module.__file__, *argv]  # config.json records the run's own command line
         try:
-            importlib.import_module(spec.module).main(argv)
+            module.main(argv)
         except SystemExit as stop:
             message = f"exit status {stop.code}" if isinstance(stop.code, int) else str(stop.code)
             if message.startswith("interrupted"):  # Ctrl-C ends the whole analysis, not just this run
                 raise
             failures.append(f"{spec.name}: {message}")
             print(f"[{spec.name}] failed: {message}", file=sys.stderr, flush=True)
+        finally:
+            sys.argv = saved_argv
     return failures
 
 

@@ -1,11 +1,12 @@
 """What the training analyses share: ordinary runs in sub-folders, resumed where they stopped.
 
-An analysis is a list of `RunSpec`s (a sub-folder name, an entry module and its flags). `run_all`
-checks every spec's flags with the module's parser first (a typo fails before anything trains),
-then runs each one in this process with `module.main(argv + ["--output_dir", folder])`: a
-finished run (its metrics.jsonl ends with the final evaluation) is skipped, a started one is
-continued with --resume, and a run that fails with an error is reported and the others go on.
-`collect` reads the runs back; it never trains.
+An analysis is a list of `RunSpec`s (a sub-folder name, an entry module and its flags).
+`validate` checks every spec's flags with the module's parser (a typo fails before anything
+trains); `run_all` runs each one in this process with `module.main(argv + ["--output_dir",
+folder])`: a finished run (its metrics.jsonl ends with the final evaluation) is skipped, a
+started one is continued with --resume, and a run that fails with an error is reported and the
+others go on; `collect` reads the runs back without training. `analyse` does the three and
+writes the analysis' table and figures.
 """
 from __future__ import annotations
 

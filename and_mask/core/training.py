@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from and_mask.core.combiners import Combiner, apply_combiner
 from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
-from and_mask.core.runlog import RunLog
+from and_mask.core.runlog import CHECKPOINT, RunLog
 
 
 @dataclass
@@ -153,10 +153,17 @@ class Trainer:
         if state is None:
             return 1
         s = self.setup
-        s.model.load_state_dict(state["model"])
-        s.optimizer.load_state_dict(state["optimizer"])
-        if s.scheduler is not None:
-            s.scheduler.load_state_dict(state["scheduler"])
+        try:
+            if not 1 <= state["epoch"] <= s.epochs:
+                raise ValueError(f"its epoch {state['epoch']} is not one of this run's 1..{s.epochs}")
+            s.model.load_state_dict(state["model"])
+            s.optimizer.load_state_dict(state["optimizer"])
+            if s.scheduler is not None:
+                s.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RunError(f"{self.runlog.dir / CHECKPOINT} does not fit this run ({reason}); --overwrite starts "
+                           f"the run again") from None
         self.runlog.truncate_metrics(state["epoch"])
         return state["epoch"] + 1
 

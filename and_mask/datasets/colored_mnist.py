@@ -199,7 +199,13 @@ class ColoredImages(Dataset):
 
 
 def batch_loader(dataset, batch_size, train, num_workers=0):
-    """Shuffled batches with drop_last for training, sequential batches for evaluation."""
+    """Shuffled batches with drop_last for training, sequential batches for evaluation.
+
+    Workers are not kept between epochs: a DataLoader draws its workers' base seed from torch's
+    global RNG whenever it starts them, so persistent workers would make the numbers depend on
+    whether there are workers, and a resumed run (which starts them again) differ from an
+    uninterrupted one.
+    """
     sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=train), batch_size=None,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers)

@@ -4,7 +4,8 @@ Invariant Risk Minimization? A Sample Complexity Perspective" (Ahuja et al., ICL
     python -m gen_mask.run_erm_irm --dataset sem_hb --methods erm,irm,and_mask --out runs/sem_hb
 
 Writes OUT/results.jsonl (one line per finished method, size and trial; a rerun resumes),
-OUT/table.md and OUT/error_vs_n.png. See gen_mask/erm_irm/ for the data and the methods.
+OUT/table.md and OUT/error_vs_n.png; OUT/run.lock refuses a second process at once and
+OUT/status.json records how the last one ended, as in a training run's folder. See gen_mask/erm_irm/ for the data and the methods.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 
 from and_mask.core.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from and_mask.core.errors import RunError
+from and_mask.core.runfolder import FolderLock, holds_run, outcome, terminate_as_interrupt
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
 from gen_mask.erm_irm.report import write_report
@@ -114,12 +116,18 @@ def main(argv=None) -> str:
     args, sweep = parse(argv)
     title = sweep.dataset + ("" if sweep.is_sem else f" ({sweep.image_data})")
     try:
-        records = run_sweep(sweep, args.out, quiet=args.quiet)
-        table = write_report(args.out, records, sweep.is_sem, title)
+        if holds_run(args.out):
+            raise RunError(f"{args.out} holds a training run; choose another --out")
+        with terminate_as_interrupt(), FolderLock(args.out, "--out"):
+            records = run_sweep(sweep, args.out, quiet=args.quiet)
+            table = write_report(args.out, records, sweep.is_sem, title)
     except RunError as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted; finished fits are kept in {args.out}/results.jsonl, rerun the command to resume")
+    except KeyboardInterrupt as error:
+        ended = outcome(error)
+        print(f"{ended['error']}; finished fits are kept in {args.out}/results.jsonl, rerun the command to resume",
+              file=sys.stderr)
+        sys.exit(ended["exit_code"])
     print(table)
     return table
 

@@ -14,13 +14,14 @@ FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 TEMPLATE_SEED = 12345
 
 
-def _write_idx(path, array):
+def idx_bytes(array) -> bytes:
     """idx format: magic (0, 0, 0x08 = uint8, ndim), big-endian int32 sizes, then the raw bytes."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}i", *array.shape))
-        f.write(array.tobytes())
+    return struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
+
+
+def _write_idx(path, array):
+    Path(path).write_bytes(idx_bytes(array))
 
 
 def class_templates():

@@ -18,7 +18,7 @@ from and_mask.core.runfolder import FolderLock, holds_run, outcome, terminate_as
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
 from gen_mask.erm_irm.report import write_report
-from gen_mask.erm_irm.sweep import DATASETS, Sweep, run_sweep
+from gen_mask.erm_irm.sweep import DATASETS, Sweep, check_out, run_sweep
 
 # Defaults per kind of data set, as in SPEC section 8 (steps: optimiser steps of every method).
 DEFAULTS = {
@@ -118,7 +118,9 @@ def main(argv=None) -> str:
     try:
         if holds_run(args.out):
             raise RunError(f"{args.out} holds a training run; choose another --out")
-        with terminate_as_interrupt(), FolderLock(args.out, "--out"):
+        with terminate_as_interrupt(), FolderLock(args.out, "--out") as folder:
+            check_out(sweep, args.out)  # a refused folder keeps its status
+            folder.start()
             records = run_sweep(sweep, args.out, quiet=args.quiet)
             table = write_report(args.out, records, sweep.is_sem, title)
     except RunError as error:

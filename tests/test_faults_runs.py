@@ -127,7 +127,7 @@ def test_the_command_line_refuses_a_locked_folder_with_one_line(tmp_path):
     from and_mask.core.runfolder import FolderLock
 
     folder = tmp_path / "run"
-    with FolderLock(folder, writes_status=False):
+    with FolderLock(folder):
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         done = subprocess.run([sys.executable, "-m", MODULE, *argv(folder, "--resume")], capture_output=True,
                               text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])

@@ -176,13 +176,15 @@ def outcome(error: BaseException | None) -> dict:
 class FolderLock:
     """One process's hold on an output folder: the lock while it runs, status.json when it ends.
 
-    Entering takes the lock (refused at once if another process holds it). With
-    `writes_status`, status.json is removed on entering and written on leaving; `RunFolder`
-    decides it per run.
+    Entering takes the lock (refused at once if another process holds it). `start()` takes the
+    folder's contents over: its old status.json goes, and on leaving this process writes its own.
+    A process that leaves before `start()` (refused, or failed before touching anything) leaves
+    the folder's status as it was.
     """
 
-    def __init__(self, path, flag: str = "--output_dir", writes_status: bool = True):
-        self.path, self.flag, self.writes_status = Path(path), flag, writes_status
+    def __init__(self, path, flag: str = "--output_dir"):
+        self.path, self.flag = Path(path), flag
+        self.started = False
         self._fd = None
 
     def __enter__(self):
@@ -197,13 +199,16 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode())
         self._fd = fd
-        if self.writes_status:
-            (self.path / STATUS).unlink(missing_ok=True)
         return self
+
+    def start(self):
+        (self.path / STATUS).unlink(missing_ok=True)
+        remove_temporaries(self.path)
+        self.started = True
 
     def __exit__(self, kind, error, traceback):
         try:
-            if self.writes_status:
+            if self.started:
                 atomic_write_json(self.path / STATUS, {**outcome(error), "time": _now()})
         finally:
             os.close(self._fd)  # releases the lock
@@ -226,7 +231,7 @@ class RunFolder(FolderLock):
     def __init__(self, path, mode: str, flags: dict | None = None, flag: str = "--output_dir"):
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"unknown mode {mode!r}")
-        super().__init__(path, flag, writes_status=False)
+        super().__init__(path, flag)
         self.mode, self.flags = mode, flags
         self.resumes = False
 
@@ -237,7 +242,8 @@ class RunFolder(FolderLock):
         except BaseException as error:
             super().__exit__(type(error), error, None)
             raise
-        self.writes_status = not holds_run(self.path)  # else only once start() takes the run over
+        if not holds_run(self.path):  # nothing to keep: the status is this process's at once
+            super().start()
         return self
 
     def _state_words(self) -> str:
@@ -277,11 +283,9 @@ class RunFolder(FolderLock):
 
         A replaced run's files are removed config.json first, then `config` is written.
         """
-        (self.path / STATUS).unlink(missing_ok=True)
-        remove_temporaries(self.path)
+        super().start()
         if not self.resumes:
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
             if config is not None:
                 atomic_write_json(self.path / CONFIG, config)
-        self.writes_status = True

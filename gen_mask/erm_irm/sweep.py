@@ -97,21 +97,33 @@ def _append(out: Path, records: list[dict]):
         os.fsync(f.fileno())
 
 
-def run_sweep(sweep: Sweep, out, quiet: bool = False) -> list[dict]:
-    """Run every missing (method, n_train, trial) of `sweep` into OUT; returns every record of OUT.
+def check_out(sweep: Sweep, out) -> list[dict]:
+    """Check that OUT may take `sweep` (the same settings, readable results); returns its records.
 
-    Call it holding OUT's lock (`run_erm_irm.main` does). The records of earlier invocations (other methods, sizes or trials, same settings) are
-    included, so that the table covers the whole folder.
+    Writes nothing, except sweep.json into a folder that has none yet.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, sweep.settings())
-    if drop_partial_line(out / RESULTS):  # the caller holds OUT's lock: no one else appends
-        warn(f"cut off the half-written last line of {out / RESULTS} (the process writing it was killed)")
-    records = read_results(out)
+    records = read_results(out, quiet=True)
     other = sorted({r["dataset"] for r in records} - {sweep.dataset})
     if other:
         raise RunError(f"{out / RESULTS} is damaged: it holds results of {', '.join(other)}, not {sweep.dataset}")
+    return records
+
+
+def run_sweep(sweep: Sweep, out, quiet: bool = False) -> list[dict]:
+    """Run every missing (method, n_train, trial) of `sweep` into OUT; returns every record of OUT.
+
+    Call it holding OUT's lock (`run_erm_irm.main` does). The records of earlier invocations
+    (other methods, sizes or trials, same settings) are included, so that the table covers the
+    whole folder.
+    """
+    out = Path(out)
+    check_out(sweep, out)
+    if drop_partial_line(out / RESULTS):  # the caller holds OUT's lock: no one else appends
+        warn(f"cut off the half-written last line of {out / RESULTS} (the process writing it was killed)")
+    records = read_results(out)
     done = {(r["method"], r["n_train"], r["trial"]) for r in records}
     units = [(m, n, t) for n in sweep.n_train for t in range(sweep.trials) for m in sweep.methods]
     todo = [u for u in units if u not in done]

@@ -8,7 +8,6 @@ warning (and cut off by the run that continues the log).
 import gzip
 import io
 import pickle
-import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from and_mask.core.errors import RunError
 from and_mask.core.runfolder import run_state
 from and_mask.datasets import cifar, colored_mnist, mnist
 from cifar_files import write_cifar10_files
-from mnist_files import idx_bytes, write_mnist_files
+from mnist_files import idx_bytes, write_debian_archives, write_mnist_files
 from tests import fault_runner as fr
 from tests.faults import (DAMAGES, copy_run, cut_last_line, damage, json_lines, one_line, records, same_weights, train,
                           weights)
@@ -189,12 +188,7 @@ def test_damaged_cifar_batches_are_one_line_naming_them(tmp_path, how, message):
 
 def debian_archives(tmp_path):
     source = write_mnist_files(tmp_path / "src", "fashion_mnist", n_train=40, n_test=20, seed=5)
-    debian = tmp_path / "debian"
-    debian.mkdir()
-    for name in mnist.RAW_FILES:
-        with open(source / name, "rb") as src, gzip.open(debian / f"{name}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return source, debian
+    return source, write_debian_archives(source, tmp_path / "debian")
 
 
 @pytest.mark.parametrize("how", ["empty", "truncated", "random bytes", "gzip of garbage"])

@@ -23,6 +23,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from and_mask.core.cli import entry_parser
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
 from and_mask.core.runlog import CONFIG
@@ -163,10 +164,9 @@ def plot_mask_density(args, groups, figure_name="mask_density"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vizualization.plot_runs",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("vizualization.plot_runs", __doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="output folders of training runs, or folders holding them")
+                        help="Output folders of training runs, or folders holding them.")
     add_output_flags(parser)
     return parser
 

@@ -13,7 +13,9 @@ plot_runs and sweep collectors read it with `run_state`, `read_status`, `is_runn
   {"status": "finished" | "failed" | "interrupted", "exit_code": int, "error": one line or
   null, "time": ISO-8601}. It is removed when a process takes the run over (starts or resumes
   it), so a folder holding a run with neither status.json nor a live lock holder was killed
-  (SIGKILL, power loss): unfinished, and `--resume` continues it.
+  (SIGKILL, power loss): unfinished, and `--resume` continues it. A process refused by the
+  folder, or whose setup fails before it took a run over, leaves the status as it was; in a
+  folder that held no run, a failed setup leaves status.json ("failed") and no config.json.
 
 Reusing a folder that holds a run (any of config.json, metrics.jsonl, checkpoint.pt, weights):
 refused unless ``--resume`` (continue it: the flags that change the numbers must be those of the
@@ -89,7 +91,11 @@ def holds_run(folder) -> bool:
 
 
 def is_running(folder) -> bool:
-    """True while a live process holds the folder's lock (tested without waiting)."""
+    """True while a live process holds the folder's lock (tested without waiting).
+
+    Ask from another process than the holder: where flock is emulated with POSIX locks (NFS), a
+    process that closes any descriptor of the file drops its own lock.
+    """
     try:
         fd = os.open(Path(folder) / LOCK, os.O_RDONLY)
     except FileNotFoundError:

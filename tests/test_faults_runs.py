@@ -111,7 +111,7 @@ def test_a_second_process_is_refused_at_once_while_the_first_runs(tmp_path, refe
             started = time.time()
             message = train(folder, *extra)
             assert one_line(message) and "is in use by another process (pid" in message
-            assert time.time() - started < 5
+            assert time.time() - started < 30  # the holder waits until released: no waiting here
         assert snapshot(folder) == before  # the refused processes wrote nothing, not even a status
         with pytest.raises(SystemExit):  # no finished run to summarize
             summarize.main([str(folder)])

@@ -23,7 +23,7 @@ from vizualization import loss_landscape, plot_runs
 from vizualization.plotting import MANIFEST, run_cli
 
 ERM_IRM = "gen_mask.run_erm_irm"
-SEM = ["--dataset", "sem_ac", "--methods", "erm,and_mask", "--n_train", "40,80", "--trials", "2", "--steps", "50",
+SEM = ["--dataset", "sem_ac", "--methods", "erm,and_mask", "--n_train", "40,80", "--trials", "2", "--steps", "20",
        "--quiet"]
 ERM_EVENTS = {"results_erm": 1, "results_and_mask": 2, "status": 3}  # appends of results, then status.json
 
@@ -179,8 +179,8 @@ def test_an_unreadable_run_is_skipped_with_a_warning_naming_it(runs, tmp_path, c
     assert f"warning: skipping {root / 's1'}: {root / 's1' / 'config.json'} is damaged" in captured.err
     assert f"warning: skipping {root / 'e1'}: {root / 'e1' / 'metrics.jsonl'} is damaged" in captured.err
     assert "| 1 |" in captured.out  # s0 alone
-    plot_runs.main([str(root), "--out", str(tmp_path / "figures"), "--dpi", "20"])
-    assert f"skipping {root / 's1'}" in capsys.readouterr().err
+    assert [run.path for run in plot_runs.load([root])] == [root / "s0"]
+    assert f"skipping {root / 's1'}: {root / 's1' / 'config.json'} is damaged" in capsys.readouterr().err
 
 
 # ---- figure folders --------------------------------------------------------------------------
@@ -203,9 +203,8 @@ def test_a_figure_folder_never_replaces_another_commands_figures_silently(runs, 
     assert one_line(message) and "accuracy.png was made by python -m vizualization.plot_runs with other " \
                                   "settings (runs:" in message and "--overwrite" in message
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
-    assert len(plot(out, s0, extra=["--overwrite"])) == 3
     made_by = json.loads((out / MANIFEST).read_text())["figures"]["loss.png"]["made_by"]
-    assert made_by["settings"]["runs"] == [str(s0)]
+    assert made_by == {"module": "vizualization.plot_runs", "settings": {"runs": [str(s0), str(s1)]}}
     # Another command with other figure names shares the folder (a gallery).
     loss_landscape.main(["--run", str(s0), "--points_1d", "3", "--points_2d", "3", "--dpi", "20", "--out", str(out)])
     assert set(json.loads((out / MANIFEST).read_text())["figures"]) == {

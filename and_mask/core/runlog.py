@@ -145,11 +145,12 @@ class RunLog:
             raise RunError(f"{path} is damaged: not a checkpoint of this project; --overwrite starts the run again")
         rng = state["rng"]
         try:
-            torch.set_rng_state(rng["torch"])
+            # map_location moved the RNG states too; generators take their state as a CPU tensor.
+            torch.set_rng_state(rng["torch"].cpu())
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
             if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         except (KeyError, TypeError, ValueError, RuntimeError):
             raise RunError(f"{path} is damaged: its random number generator states cannot be restored") from None
         return state

@@ -151,7 +151,7 @@ class RunLog:
             random.setstate(rng["python"])
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        except (KeyError, TypeError, ValueError, RuntimeError):
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
             raise RunError(f"{path} is damaged: its random number generator states cannot be restored") from None
         return state
 

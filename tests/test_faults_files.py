@@ -59,6 +59,8 @@ RESUME_DAMAGES = [
     ("checkpoint.pt", "truncated", "checkpoint.pt is damaged: not a readable checkpoint"),
     ("checkpoint.pt", "random bytes", "checkpoint.pt is damaged: not a readable checkpoint"),
     ("checkpoint.pt", torch_bytes({"epoch": 1}), "checkpoint.pt is damaged: not a checkpoint of this project"),
+    ("checkpoint.pt", torch_bytes({"epoch": 1, "model": {}, "optimizer": {}, "scheduler": None, "rng": {"torch": 1}}),
+     "checkpoint.pt is damaged: its random number generator states cannot be restored"),
     ("checkpoint.pt", "wider", "checkpoint.pt does not fit this run"),
 ]
 

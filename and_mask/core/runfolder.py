@@ -231,14 +231,17 @@ class RunFolder(FolderLock):
     the process ended. A folder whose run was left untouched (refused, or a setup that failed
     before `start`) keeps its old status.json.
 
-    After entering, `resumes` tells whether there is a checkpoint to continue from.
+    `flags` are compared with the run's on --resume; `defaults` (the parser's) stand in for the
+    flags the run's config.json lacks. After entering, `resumes` tells whether there is a
+    checkpoint to continue from.
     """
 
-    def __init__(self, path, mode: str, flags: dict | None = None, flag: str = "--output_dir"):
+    def __init__(self, path, mode: str, flags: dict | None = None, flag: str = "--output_dir",
+                 defaults: dict | None = None):
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"unknown mode {mode!r}")
         super().__init__(path, flag)
-        self.mode, self.flags = mode, flags
+        self.mode, self.flags, self.defaults = mode, flags, defaults or {}
         self.resumes = False
 
     def __enter__(self):
@@ -272,7 +275,8 @@ class RunFolder(FolderLock):
             raise RunError(f"{self.path} holds run files but no {CONFIG}, so its flags are unknown; "
                            f"--overwrite starts the run again")
         if self.flags is not None:
-            differences = differing_number_flags(read_config(self.path)["flags"], self.flags)
+            # A flag added since the run was made counts as having had its default.
+            differences = differing_number_flags({**self.defaults, **read_config(self.path)["flags"]}, self.flags)
             if differences:
                 raise RunError(f"--resume refused: flags that change the numbers differ from the run in {self.path}: "
                                + "; ".join(differences))

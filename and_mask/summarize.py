@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from and_mask.core.cli import entry_parser
+from and_mask.core.runfolder import as_typed
 from and_mask.core.runlog import CONFIG
 from and_mask.core.runsets import find_runs, key_flags, load_runs, sections, varying
 
@@ -25,11 +26,6 @@ def mean_std(values, scale=100.0, digits=1):
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def flag_value(value):
-    """A flag's value as written on the command line: a list (e.g. --lr_milestones) as comma-separated."""
-    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def numbers(run) -> dict:
@@ -69,7 +65,7 @@ def table(groups) -> str:
     for key, runs in sorted(groups.items(), key=lambda item: str(key_flags(item[0]).get("method"))):
         flags = key_flags(key)
         method = f"{flags.get('method')}" + (f" ({flags['package']})" if several_packages else "")
-        other = " ".join(f"--{k} {flag_value(v)}" for k, v in sorted(differing[key].items())
+        other = " ".join(f"--{k} {as_typed(v)}" for k, v in sorted(differing[key].items())
                          if k not in ("method", "package") and v is not None) or "defaults"
         cells = []
         for column in columns:

@@ -7,10 +7,10 @@ run itself stops the other rank.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,13 @@ import torch.nn.functional as F
 
 from and_mask.core.distributed import World, shard_loader
 from and_mask.core.per_env_grads import per_env_grads
+from and_mask.core.runfolder import is_running, read_status
 from and_mask.core.runlog import read_metrics
-from and_mask.core.training import Trainer
 from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
 from gen_mask import run_synthetic
 from gen_mask.gen_mask_utils import COMBINERS, OBJECTIVES
 from distributed_tasks import PLUGIN, fastresnet_problem, one_step, plugin_registered, small_problem
+from interrupted_runs import interrupt
 from mnist_files import write_mnist_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,9 @@ CHECKED = {"pcgrad": ["--dist_check_every", "1"]}  # 2-rank runs that also compa
 RESUMED = "and_mask"  # the method of the runs resumed with another number of ranks
 
 
-def argv(method, output_dir, *extra):
-    return ["--method", method, *METHODS[method], *SYNTHETIC, "--output_dir", str(output_dir), *extra]
+def argv(method, output_dir=None, *extra):
+    where = [] if output_dir is None else ["--output_dir", str(output_dir)]
+    return ["--method", method, *METHODS[method], *SYNTHETIC, *where, *extra]
 
 
 def environment(**extra):
@@ -64,18 +66,6 @@ def fashion_mnist_images(tmp_path):
     return tmp_path / "images.pt"
 
 
-def stop_after(epoch):
-    """Trainer._checkpoint that ends the run with Ctrl-C once `epoch` is saved."""
-    original = Trainer._checkpoint
-
-    def checkpoint(self, current):
-        original(self, current)
-        if current == epoch:
-            raise KeyboardInterrupt
-
-    return checkpoint
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """1-rank references here, then one torchrun launch of every 2-rank task."""
@@ -83,9 +73,7 @@ def runs(tmp_path_factory):
     for method in METHODS:
         run_synthetic.main(argv(method, tmp / f"one-{method}"))
     with pytest.MonkeyPatch.context() as patch:  # a 1-rank run stopped after epoch 1, resumed by 2 ranks
-        patch.setattr(Trainer, "_checkpoint", stop_after(1))
-        with pytest.raises(SystemExit, match="interrupted"):
-            run_synthetic.main(argv(RESUMED, tmp / "one-then-two"))
+        interrupt(run_synthetic.main, argv(RESUMED), tmp / "one-then-two", patch, stop_after_epoch=1)
     plan = [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
                                        "argv": argv(m, tmp / f"two-{m}", *CHECKED.get(m, []))}} for m in METHODS]
     plan += [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
@@ -223,34 +211,43 @@ def launch_without_torchrun(plan_path, port):
 
 
 def test_a_failing_rank_stops_every_rank_and_the_run_resumes_with_one(runs, tmp_path):
-    """Rank 1 (resp. rank 0) raises at epoch 3: both processes end, non-zero, rank 0 printing the message;
-    the run keeps epochs 1-2 and their checkpoint, and one process resumes it to the uninterrupted run's end."""
+    """Rank 1 (resp. rank 0) raises at epoch 3, or rank 0 refuses a folder that holds a run: both
+    processes end, non-zero, rank 0 printing the message and writing it into status.json; the
+    failed runs keep epochs 1-2 and their checkpoint, and one process resumes one of them to the
+    uninterrupted run's end."""
+    shutil.copytree(runs / f"one-{RESUMED}", tmp_path / "taken")
+    cases = {"rank 1 fails": ("train_failing", {"rank": 1, "epoch": 3}, "rank 1: planted failure on rank 1 at epoch 3"),
+             "rank 0 fails": ("train_failing", {"rank": 0, "epoch": 3}, "planted failure on rank 0 at epoch 3"),
+             "taken": ("train", {}, "already holds a run (finished); pass --resume to continue it")}
     launches = {}
-    for failing in (1, 0):
-        plan = [{"task": "train_failing", "args": {"module": "gen_mask.run_synthetic", "rank": failing, "epoch": 3,
-                                                   "argv": argv(RESUMED, tmp_path / f"fails-{failing}")}}]
-        launches[failing] = launch_without_torchrun(plan_file(tmp_path / f"plan-{failing}.json", plan), free_port())
-    started = time.monotonic()
+    for case, (task, extra, _) in cases.items():
+        run_dir = tmp_path / case.replace(" ", "-")
+        plan = [{"task": task, "args": {"module": "gen_mask.run_synthetic", "argv": argv(RESUMED, run_dir), **extra}}]
+        launches[case] = launch_without_torchrun(plan_file(tmp_path / f"{case}.json", plan), free_port())
     outputs = {}
     try:
-        for failing, processes in launches.items():
-            outputs[failing] = [p.communicate(timeout=TIMEOUT_S) for p in processes]
+        for case, processes in launches.items():
+            outputs[case] = [p.communicate(timeout=TIMEOUT_S) for p in processes]
     finally:
         for processes in launches.values():
             for p in processes:
                 p.kill()
-    for failing, processes in launches.items():
-        assert [p.returncode for p in processes] == [1, 1], outputs[failing]
-        leader_err = outputs[failing][0][1]
-        prefix = "rank 1: " if failing == 1 else ""
-        assert f"error: {prefix}planted failure on rank {failing} at epoch 3" in leader_err, leader_err
-        assert "Traceback" not in leader_err + outputs[failing][1][1]
-        run_dir = tmp_path / f"fails-{failing}"
-        assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
-        assert (run_dir / "checkpoint.pt").exists()
-    assert time.monotonic() - started < TIMEOUT_S
-    run_synthetic.main(argv(RESUMED, tmp_path / "fails-1", "--resume"))
-    assert_same_records(read_metrics(tmp_path / "fails-1"), read_metrics(runs / f"one-{RESUMED}"))
+    for case, (_, _, message) in cases.items():
+        assert [p.returncode for p in launches[case]] == [1, 1], (case, outputs[case])
+        (_, leader_err), (_, follower_err) = outputs[case]
+        last = leader_err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, (case, leader_err)
+        assert "Traceback" not in leader_err + follower_err and "error" not in follower_err, (case, follower_err)
+        run_dir = tmp_path / case.replace(" ", "-")
+        assert not is_running(run_dir)
+        status = read_status(run_dir)
+        if case == "taken":
+            assert status["status"] == "finished" and len(read_metrics(run_dir)) == 4  # left as it was
+            continue
+        assert status["status"] == "failed" and message in status["error"]
+        assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2] and (run_dir / "checkpoint.pt").exists()
+    run_synthetic.main(argv(RESUMED, tmp_path / "rank-1-fails", "--resume"))
+    assert_same_records(read_metrics(tmp_path / "rank-1-fails"), read_metrics(runs / f"one-{RESUMED}"))
 
 
 def test_environments_are_split_in_contiguous_blocks():

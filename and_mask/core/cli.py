@@ -12,6 +12,7 @@ import argparse
 import math
 import random
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from and_mask.core import distributed
 from and_mask.core.env_split import DIST_BN, EnvSplit
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
-from and_mask.core.runlog import RunLog, default_output_dir
+from and_mask.core.runfolder import RunFolder, outcome, terminate_as_interrupt
+from and_mask.core.runlog import RunLog, default_output_dir, describe, load_weights, read_config
 from and_mask.core.errors import RunError
 from and_mask.core.training import Trainer, format_record
 
@@ -132,6 +134,37 @@ def proper_fraction(text):
     return value
 
 
+def positive_list(cast, what):
+    """argparse type: comma-separated values of the typed parser `cast`, sorted, without repeats (a tuple)."""
+    def parse(text):
+        try:
+            values = [cast(v) for v in text.split(",") if v]
+        except (ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
+        return tuple(sorted(set(values)))
+    return parse
+
+
+def add_lr_milestones_flag(group, none_means: str):
+    """--lr_milestones: epochs after which the learning rate is multiplied by 0.1; `none_means` says what None does."""
+    group.add_argument("--lr_milestones", type=positive_list(positive_int, "positive epochs"), default=None,
+                       help="Comma-separated epochs after which the learning rate is multiplied by 0.1, each below "
+                            f"--epochs. Default: {none_means}")
+
+
+def check_lr_milestones(parser, args):
+    """Refuse a milestone at or after the last epoch (it would never apply); store them as a list,
+    so that config.json holds a JSON list that compares equal on --resume."""
+    if args.lr_milestones is None:
+        return
+    late = [m for m in args.lr_milestones if m >= args.epochs]
+    if late:
+        parser.error(f"--lr_milestones {','.join(map(str, late))} must be below --epochs ({args.epochs})")
+    args.lr_milestones = list(args.lr_milestones)
+
+
 def use_cuda_flag(text):
     if text not in ("0", "1", "auto"):
         raise argparse.ArgumentTypeError(f"must be 0, 1 or auto, got {text}")
@@ -162,6 +195,8 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_re
     group.add_argument("--grad_chunk_size", type=positive_int, default=None, help=chunk_help)
     group.add_argument("--resume", action="store_true",
                        help="Continue the run in --output_dir from its last end-of-epoch checkpoint.")
+    group.add_argument("--overwrite", action="store_true",
+                       help="Replace the run already in --output_dir, once the new run's setup has succeeded.")
     group.add_argument("--quiet", action="store_true", help="Print no progress bars and no per-epoch lines.")
     add_dist_flags(parser)
     parser.set_defaults(**defaults)
@@ -221,8 +256,10 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
             parser.error(problem)
     if args.resume and args.output_dir is None:
         parser.error("--resume needs the --output_dir of the run to continue")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     device = resolve_device(parser, args.use_cuda)
-    return _train(experiment, method, hparams, args, package, join_world(parser, device))
+    return _train(experiment, method, hparams, args, package, parser, join_world(parser, device))
 
 
 def join_world(parser, device: torch.device) -> distributed.World:
@@ -233,31 +270,36 @@ def join_world(parser, device: torch.device) -> distributed.World:
         parser.error(str(error))
 
 
-def _train(experiment, method, hparams, args, package, world) -> dict:
-    seed_everything(args.seed)
-    # Rank 0 owns the run folder; every rank writes its name in messages.
+def _train(experiment, method, hparams, args, package, parser, world) -> dict:
+    # Rank 0 alone holds the run folder; the other ranks know its name, for messages.
     output_dir = world.broadcast_object(args.output_dir or default_output_dir(
         f"{package}-{experiment.NAME}-{args.method}"))
-    runlog = None
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
-        with distributed.stop_together(world):  # a failure on any rank ends every rank
-            if world.is_leader:
-                runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME,
-                                package=package)
-            runlog = distributed.rank_runlog(world, runlog, output_dir)
+        defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+        holding = RunFolder(output_dir, mode, vars(args), defaults=defaults) if world.is_leader else nullcontext()
+        # A failure on any rank (rank 0's refusal of the folder too) ends every rank.
+        with terminate_as_interrupt(), distributed.stop_together(world), holding as folder:
+            if folder is not None:  # another rank's failure, recorded by rank 0's watcher
+                world.on_failure.append(lambda message: folder.record(RunError(message)))
+            seed_everything(args.seed)
             with distributed.leader_first(world):  # rank 0 downloads or prepares the data before the others read it
                 setup = experiment.build(args, world.device)
-            split = EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb)
+            if folder is not None:
+                folder.start({**describe(vars(args), experiment.NAME, package), "ranks": world.size})
+            resumes = world.broadcast_object(folder.resumes if folder is not None else None)
+            runlog = distributed.rank_runlog(world, RunLog(folder.path) if folder is not None else None, output_dir)
             trainer = Trainer(setup, method, hparams, runlog, world.device, engine=args.grad_engine,
                               chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
                               l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet or not world.is_leader,
-                              split=split)
-            final = trainer.run(resume=args.resume)
+                              split=EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb))
+            final = trainer.run(resume=resumes)
     except RunError as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        where = f"; metrics and the last checkpoint are kept in {output_dir}" if runlog else ""
-        sys.exit(f"interrupted{where}")
+    except KeyboardInterrupt as error:
+        ended = outcome(error)
+        print(f"{ended['error']}; metrics and the last checkpoint are kept in {output_dir}", file=sys.stderr)
+        sys.exit(ended["exit_code"])
     if world.is_leader:
         print(f"final: {format_record(final)}  (outputs in {output_dir})")
     return final
@@ -269,18 +311,25 @@ def rebuild(run_dir, device="cpu", weights="weights_final.pt"):
     Returns (setup, flags). Used by analysis tools (loss landscapes) that never retrain.
     """
     import importlib
-    from pathlib import Path
-
-    from and_mask.core.runlog import read_config
 
     config = read_config(run_dir)
-    experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
+    try:
+        experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
+    except ImportError:
+        raise RunError(f"{run_dir}/config.json names an unknown experiment {config['experiment']!r}") from None
     # Flags added after the run was made take their defaults.
     parser = argparse.ArgumentParser()
     experiment.add_flags(parser, config["package"])
     defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
     args = argparse.Namespace(**{**defaults, **config["flags"]})
+    state = load_weights(run_dir, weights, map_location=device)
     seed_everything(args.seed)
-    setup = experiment.build(args, torch.device(device))
-    setup.model.load_state_dict(torch.load(Path(run_dir) / weights, map_location=device))
+    try:
+        setup = experiment.build(args, torch.device(device))
+        setup.model.load_state_dict(state)
+    except (AttributeError, TypeError) as error:
+        raise RunError(f"{run_dir}/config.json does not describe a run of this code ({error})") from None
+    except RuntimeError as error:
+        raise RunError(f"{run_dir}/{weights} does not fit the model of config.json "
+                       f"({str(error).strip().splitlines()[0]})") from None
     return setup, args

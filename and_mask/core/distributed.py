@@ -14,7 +14,9 @@ store before it exits. A watcher thread on every rank polls the store; on a mess
 another rank, rank 0 records the failure (its `on_failure` callbacks: the run folder's status)
 and prints it, then every rank exits at once, even one blocked in a collective. A failing rank
 other than 0 waits (up to ACK_TIMEOUT_S) until rank 0 has recorded its failure before it exits,
-so that a launcher which stops the other ranks when one exits never stops rank 0 first.
+so that a launcher which stops the other ranks when one exits never stops rank 0 first; a
+failing rank 0 waits until the others have seen its failure, since the store may live in its
+own process.
 
 Traffic: every collective adds its payload (the bytes of the tensors handed to it) and the time
 spent in it to `World.traffic`, per kind, for the benchmarks and the tests.
@@ -39,6 +41,7 @@ from and_mask.core.runlog import restore_rng
 
 ABORT_KEY = "and_mask/failure"  # "rank<TAB>message" of the first rank that failed
 ACK_KEY = "and_mask/failure_recorded"  # set by rank 0 once the failure is recorded
+LEFT_KEY = "and_mask/ranks_left"  # how many ranks other than 0 no longer need the store
 POLL_S = 0.1  # seconds between two looks of the watcher at the store
 ACK_TIMEOUT_S = 15.0
 BUCKET_ELEMENTS = 2 ** 24  # elements per all-reduce call at most (64 MiB in float32)
@@ -54,6 +57,7 @@ class World:
         self.traffic = defaultdict(lambda: {"calls": 0, "bytes": 0, "seconds": 0.0})
         self.on_failure = []  # callables(message) run on rank 0 when another rank fails
         self._failed = False
+        self._left = False
         self._stop = threading.Event()
         self._watcher = None
 
@@ -131,6 +135,11 @@ class World:
                 gathered[i] = column.reshape(-1, *tensors[i].shape[1:])
         return gathered
 
+    def barrier(self):
+        if self.size > 1:
+            with self._collective("barrier", []):
+                dist.barrier()
+
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every rank (pickled: checkpoints, summaries)."""
         if self.size == 1:
@@ -183,6 +192,7 @@ class World:
                 return
             if int(rank) == self.rank or self._failed:
                 return  # this rank's own failure: its main thread ends it
+            self._leave(store)
             if self.is_leader:
                 message = f"rank {rank}: {message}"
                 for callback in self.on_failure:
@@ -190,11 +200,12 @@ class World:
                         callback(message)
                     except Exception as error:  # noqa: BLE001 - still stop every rank
                         print(f"warning: could not record the failure: {error}", file=sys.stderr)
+                print(f"error: {message}", file=sys.stderr, flush=True)
                 try:
                     store.set(ACK_KEY, "1")
+                    self._wait_for_others(store)
                 except Exception:  # noqa: BLE001
                     pass
-                print(f"error: {message}", file=sys.stderr, flush=True)
             os._exit(1)  # the main thread may be blocked in a collective that never completes
 
     def fail(self, message: str) -> tuple[str, str]:
@@ -208,12 +219,31 @@ class World:
             if int(rank) != self.rank:
                 if self.is_leader:
                     self.store.set(ACK_KEY, "1")
+                self._leave(self.store)
                 return "consequence", f"rank {rank}: {first_message}"
             if not self.is_leader:
                 self.store.wait([ACK_KEY], timedelta(seconds=ACK_TIMEOUT_S))
+                self._leave(self.store)
+            elif message != "interrupted":  # Ctrl-C and SIGTERM reach every rank: nobody to wait for
+                self._wait_for_others(self.store)
             return "recorded", message
         except Exception:  # noqa: BLE001 - rank 0 or the store is gone
             return "unrecorded", message
+
+    def _wait_for_others(self, store):
+        """Rank 0 waits (up to ACK_TIMEOUT_S) until every other rank needs the store no more."""
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while store.add(LEFT_KEY, 0) < self.size - 1 and time.monotonic() < deadline:
+            time.sleep(POLL_S / 2)
+
+    def _leave(self, store):
+        """Tell rank 0 that this rank needs the store no more (once)."""
+        if not self.is_leader and not self._left:
+            self._left = True
+            try:
+                store.add(LEFT_KEY, 1)
+            except Exception:  # noqa: BLE001 - the store is gone already
+                pass
 
     def close(self, leave_group: bool = True):
         """Stop the watcher and leave the process group (not after a failure: a broken group may hang
@@ -222,6 +252,13 @@ class World:
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
+        if self.size > 1:
+            self._leave(self.store)
+            if self.is_leader and leave_group:  # the store may live in this process: let the others finish
+                try:
+                    self._wait_for_others(self.store)
+                except Exception:  # noqa: BLE001
+                    pass
         if leave_group and self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -370,11 +407,11 @@ def rank_runlog(world: World, runlog=None, directory=None):
 @contextmanager
 def leader_first(world: World):
     """Rank 0 runs the block first (e.g. downloads or prepares the data), then the others."""
-    if world.size > 1 and not world.is_leader:
-        dist.barrier()
+    if not world.is_leader:
+        world.barrier()
     yield
-    if world.size > 1 and world.is_leader:
-        dist.barrier()
+    if world.is_leader:
+        world.barrier()
 
 
 def failure_message(error: BaseException) -> str:

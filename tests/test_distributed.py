@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from and_mask.core.distributed import World, shard_loader
 from and_mask.core.per_env_grads import per_env_grads
-from and_mask.core.runfolder import is_running, read_status
+from and_mask.core.runfolder import differing_number_flags, is_running, number_flags, read_status
 from and_mask.core.runlog import read_metrics
 from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
 from gen_mask import run_synthetic
@@ -293,3 +293,12 @@ def test_the_erm_irm_sweep_refuses_several_processes(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="runs in one process; start it without torchrun"):
         run_erm_irm.main(["--dataset", "sem_hb", "--methods", "erm", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_only_local_batch_statistics_change_the_numbers():
+    """--resume and the tables of runs ignore the debugging flags and --dist_bn exact (one process's
+    model); --dist_bn local is another model."""
+    flags = {"lr": 0.1, "dist_bn": "exact", "dist_check_every": 0, "dist_gather_warn_mb": 1024.0}
+    assert number_flags(flags) == {"lr": 0.1}
+    assert differing_number_flags(flags, {**flags, "dist_check_every": 5, "dist_gather_warn_mb": 1.0}) == []
+    assert differing_number_flags(flags, {**flags, "dist_bn": "local"}) == ["--dist_bn local (run: absent)"]

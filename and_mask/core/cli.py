@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import torch
 
+from and_mask.core import consistency
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runlog import RunLog, default_output_dir
 from and_mask.core.errors import RunError
@@ -84,6 +85,11 @@ def add_run_flags(parser: argparse.ArgumentParser):
     group.add_argument("--resume", action="store_true",
                        help="continue the run in --output_dir from its last end-of-epoch checkpoint")
     group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    group.add_argument("--consistency_eps", type=positive_float, default=None,
+                       help="After training, estimate a lower bound on the inconsistency I^ε of the trained weights "
+                            "with this ε and add it to the final record of metrics.jsonl (and_mask.core.consistency). "
+                            "None: no estimate.")
+    consistency.add_search_flags(group, prefix="consistency_")
 
 
 def resolve_device(parser, use_cuda: str) -> torch.device:
@@ -124,9 +130,13 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
     try:
         runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
         setup = experiment.build(args, device)
+        final_metrics = None
+        if args.consistency_eps is not None:
+            final_metrics = consistency.final_metrics(setup, args.consistency_eps,
+                                                      consistency.settings_from_args(args, "consistency_"))
         trainer = Trainer(setup, combiner, hparams, runlog, device, engine=args.grad_engine,
                           chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
-                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
+                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet, final_metrics=final_metrics)
         final = trainer.run(resume=args.resume)
     except RunError as error:
         sys.exit(f"error: {error}")
@@ -134,6 +144,9 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
         where = f"; metrics and the last checkpoint are kept in {runlog.dir}" if runlog else ""
         sys.exit(f"interrupted{where}")
     print(f"final: {format_record(final)}  (outputs in {runlog.dir})")
+    if "inconsistency" in final:
+        print(f"inconsistency: I^eps >= {final['inconsistency']:.6g} for eps = {args.consistency_eps}, "
+              f"{consistency.LOWER_BOUND_NOTE}")
     return final
 
 

@@ -4,7 +4,9 @@ Per epoch: evaluate every evaluation set first (the original's "probe"), then tr
 training step forwards a batch of E environments stacked env after env, computes the
 per-environment gradients, combines them with the chosen combiner, writes `param.grad`, adds
 l1_coef·sign(θ) and l2_coef·θ if asked, and steps the optimiser. After the last epoch the
-evaluation sets are measured once more (phase "final"). Every record goes to metrics.jsonl at once.
+evaluation sets are measured once more (phase "final"), together with the optional
+`final_metrics(model)` (e.g. the consistency estimate), which never runs during training.
+Every record goes to metrics.jsonl at once.
 """
 from __future__ import annotations
 
@@ -75,12 +77,13 @@ def evaluate(model, loaders: dict, loss_fn, device) -> dict:
 class Trainer:
     def __init__(self, setup: TrainSetup, combiner: Combiner, hparams: dict, runlog: RunLog, device,
                  engine: str = "auto", chunk_size: int | None = None, l1_coef: float = 0.0, quiet: bool = False,
-                 l2_coef: float = 0.0):
+                 l2_coef: float = 0.0, final_metrics: Callable[[nn.Module], dict] | None = None):
         self.setup, self.combiner, self.hparams, self.runlog = setup, combiner, hparams, runlog
         self.device, self.engine, self.chunk_size, self.l1_coef, self.quiet = device, engine, chunk_size, l1_coef, quiet
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.plain = combiner.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
+        self.final_metrics = final_metrics
 
     def _step(self, inputs, target, n_envs):
         model, params = self.setup.model, [p for _, p in self.named_params]
@@ -181,6 +184,8 @@ class Trainer:
                 epochs.write(format_record(record))
         final = {"epoch": setup.epochs, "phase": "final"}
         final.update(evaluate(setup.model, setup.eval_loaders, setup.loss_fn, self.device))
+        if self.final_metrics is not None:
+            final.update(self.final_metrics(setup.model))
         self.runlog.log(final)
         self.runlog.save_weights(setup.model, "weights_final.pt")
         last_epoch = [r for r in self.runlog.records() if r.get("phase") == "epoch"][-1]

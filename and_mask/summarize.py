@@ -3,8 +3,8 @@
 Each RUNS is a run folder or a folder holding run folders (found by their config.json). Runs
 are grouped by their flags minus the seed, output and device flags, so the seeds of one setting
 form one row: mean ± std over seeds of every final accuracy, of the last epoch's running
-training accuracy and mask density (mean over parameter tensors), and the mean seconds per
-epoch. Reads only config.json and metrics.jsonl, never retrains; unfinished runs are listed on
+training accuracy and mask density (mean over parameter tensors), of the lower bound on the
+inconsistency I^ε when the runs estimated it (--consistency_eps), and the mean seconds per epoch. Reads only config.json and metrics.jsonl, never retrains; unfinished runs are listed on
 stderr and left out.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from and_mask.core.runlog import CONFIG, read_config, read_metrics
 
+DENSITY = "mask density"
+INCONSISTENCY = "inconsistency I^ε ≥"  # a lower bound (and_mask.core.consistency)
 IGNORED = {"seed", "output_dir", "resume", "quiet", "use_cuda", "grad_engine", "grad_chunk_size", "num_workers"}
 
 
@@ -43,8 +45,10 @@ def summarize(run_dirs):
         densities = list(epochs[-1]["mask_density"].values())
         numbers = {f"final {k[:-4]} acc (%)": v for k, v in records[-1].items() if k.endswith("_acc")}
         numbers.update({"last-epoch train acc (%)": epochs[-1]["train_acc"],
-                        "mask density": sum(densities) / len(densities),
+                        DENSITY: sum(densities) / len(densities),
                         "s/epoch": statistics.fmean(r["seconds"] for r in epochs)})
+        if "inconsistency" in records[-1]:
+            numbers[INCONSISTENCY] = records[-1]["inconsistency"]
         groups.setdefault(key, []).append(numbers)
     return groups, unfinished
 
@@ -63,7 +67,7 @@ def table(groups) -> str:
             if column == "s/epoch":
                 cells.append(f"{statistics.fmean(values):.1f}")
             else:
-                cells.append(mean_std(values, 1, 2) if column == "mask density" else mean_std(values))
+                cells.append(mean_std(values, 1, 2) if column in (DENSITY, INCONSISTENCY) else mean_std(values))
         lines.append(f"| {flags.get('method')} | {other} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

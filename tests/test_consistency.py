@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from and_mask import summarize
 from and_mask.and_mask_utils import METHOD_FLAGS as AND_MASK_FLAGS
 from and_mask.core import cli, consistency
 from and_mask.core.consistency import SearchSettings, env_data, estimate_inconsistency
@@ -175,6 +176,10 @@ def test_run_flag_adds_the_estimate_to_the_final_record_and_changes_no_training_
     assert [_without_timings(r) for r in with_estimate] == [_without_timings(r) for r in without]
     assert torch.equal(torch.load(tmp_path / "with" / "weights_final.pt")["0.weight"],
                        torch.load(tmp_path / "without" / "weights_final.pt")["0.weight"])
+    summarize.main([str(tmp_path / "with")])
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    assert "| inconsistency I^ε ≥ |" in header
+    assert f"| {final['inconsistency']:.2f} ± 0.00 |" in row
 
 
 def test_a_run_stopped_after_its_last_epoch_gets_the_estimate_on_resume(tmp_path, monkeypatch):

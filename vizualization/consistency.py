@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from and_mask.core.cli import positive_float, rebuild
+from and_mask.core.cli import entry_parser, positive_float, rebuild, seed_int
 from and_mask.core.consistency import (LOWER_BOUND_NOTE, add_search_flags, env_data, estimate_inconsistency,
                                        settings_from_args)
 from and_mask.core.errors import RunError
@@ -31,14 +31,13 @@ FINAL = "weights_final.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vizualization.consistency",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("vizualization.consistency", __doc__)
     parser.add_argument("--run", required=True, help="Output folder of a training run (config.json and weights).")
     parser.add_argument("--eps", type=positive_float, required=True,
                         help="ε: how far each environment's loss may move from its value at the trained weights.")
     group = parser.add_argument_group("search budget")
     add_search_flags(group)
-    group.add_argument("--seed", type=int, default=0, help="Seed of the restarts' random directions.")
+    group.add_argument("--seed", type=seed_int, default=0, help="Seed of the restarts' random directions.")
     add_output_flags(parser)
     return parser
 

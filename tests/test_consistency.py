@@ -57,7 +57,7 @@ def test_linear_model_with_quadratic_losses_reaches_the_closed_form_from_below()
     model, eps = _linear_model(theta), 0.3
     before = model.weight.detach().clone()
     estimate = estimate_inconsistency(model, _quadratic_envs(centres), half_mse, eps,
-                                      SearchSettings(steps=300, step_length=0.05, restarts=2))
+                                      SearchSettings(steps=300, step_length=0.05, metric="euclidean", restarts=2))
     exact = _closed_form(centres, theta, eps)
     assert torch.equal(model.weight, before)
     assert (estimate.values <= exact + 1e-4 * exact).all()  # a lower bound (float32 losses)
@@ -77,7 +77,7 @@ def test_a_small_budget_gives_a_weaker_bound_never_a_larger_one():
     theta = torch.stack(centres).mean(0)
     exact = _closed_form(centres, theta, 0.2)
     small = estimate_inconsistency(_linear_model(theta), _quadratic_envs(centres), half_mse, 0.2,
-                                   SearchSettings(steps=5, step_length=0.05, restarts=1))
+                                   SearchSettings(steps=5, step_length=0.05, metric="euclidean", restarts=1))
     assert (small.values <= exact * (1 + 1e-4)).all()
     assert (small.path_lengths <= 5 * 0.05 + 1e-6).all()
     assert small.lower_bound < 0.9 * float(exact.max())
@@ -89,10 +89,15 @@ def _mlp_envs(n_envs=3, n=40):
             for _ in range(n_envs)]
 
 
-def test_every_accepted_point_satisfies_the_constraint_and_follows_the_last_closely():
+@pytest.mark.parametrize("metric", ["euclidean", "relative"])
+def test_every_accepted_point_satisfies_the_constraint_and_follows_the_last_closely(metric):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
-    data, eps, settings = _mlp_envs(), 0.05, SearchSettings(steps=40, step_length=0.2, restarts=2)
+    data, eps = _mlp_envs(), 0.05
+    settings = SearchSettings(steps=40, step_length=0.2 if metric == "euclidean" else 0.05, metric=metric, restarts=2)
+    # The distance of the metric: per tensor relative to its norm at θ*, or plain.
+    units = torch.cat([(p.norm() if metric == "relative" else torch.tensor(1.0)).expand(p.numel())
+                       for p in model.parameters()]).detach()
     loss_fn = nn.functional.binary_cross_entropy_with_logits
     estimate = estimate_inconsistency(model, data, loss_fn, eps, settings, keep_points=True)
     probe = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -112,7 +117,7 @@ def test_every_accepted_point_satisfies_the_constraint_and_follows_the_last_clos
             recomputed = losses_at(point)
             assert abs(recomputed[e] - reference) <= eps * (1 + 1e-4)
             gaps.append(abs(recomputed[other] - reference))
-        steps = (path[1:] - path[:-1]).norm(dim=1)
+        steps = ((path[1:] - path[:-1]) / units).norm(dim=1)
         assert (steps <= settings.step_length * (1 + 1e-4)).all()
         torch.testing.assert_close(length[accepted][1:] - length[accepted][:-1], steps.double(), rtol=1e-4,
                                    atol=1e-6, check_dtype=False)
@@ -120,6 +125,23 @@ def test_every_accepted_point_satisfies_the_constraint_and_follows_the_last_clos
         constrained += int(any(abs(v - reference) > 0.9 * eps for v in loss_e[accepted].tolist()))
     assert constrained > 0  # some paths did reach the edge of their region
     assert float(estimate.values.max()) > eps  # and another environment's loss moved more than ε
+
+
+def test_relative_lengths_do_not_see_layers_rescaled_against_each_other():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    rescaled = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    rescaled.load_state_dict(model.state_dict())
+    with torch.no_grad():  # ×4 into the ReLU, ÷4 after it: the same function
+        rescaled[0].weight.mul_(4), rescaled[0].bias.mul_(4), rescaled[2].weight.div_(4)
+    data, loss_fn = _mlp_envs(), nn.functional.binary_cross_entropy_with_logits
+
+    def bound(net, metric):
+        return estimate_inconsistency(net, data, loss_fn, 0.05, SearchSettings(steps=15, step_length=0.05,
+                                                                               metric=metric, restarts=1)).values
+
+    torch.testing.assert_close(bound(rescaled, "relative"), bound(model, "relative"), rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(bound(rescaled, "euclidean"), bound(model, "euclidean"), rtol=0.05)
 
 
 def test_env_data_takes_the_first_examples_in_order_without_touching_the_random_stream():
@@ -131,6 +153,29 @@ def test_env_data_takes_the_first_examples_in_order_without_touching_the_random_
     for (x, y), loader in zip(data, loaders):
         assert torch.equal(x, loader.dataset.tensors[0][:12]) and torch.equal(y, loader.dataset.tensors[1][:12])
     assert len(env_data(loaders, 0)[0][0]) == 30
+
+
+class BatchIndexed(torch.utils.data.Dataset):
+    """Indexed by a list of positions, returns a whole batch (as Colored MNIST's dataset)."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, positions):
+        return self.inputs[positions], self.targets[positions]
+
+
+def test_env_data_reads_a_batch_indexed_dataset_the_same_way():
+    [(x, y)] = _mlp_envs(1, 30)
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(30)), 8, drop_last=True)
+    loader = torch.utils.data.DataLoader(BatchIndexed(x, y), sampler=sampler, batch_size=None)
+    state = torch.get_rng_state()
+    [(inputs, targets)] = env_data([loader], 20)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(inputs, x[:20]) and torch.equal(targets, y[:20])
 
 
 def test_an_experiment_without_environment_data_is_refused_before_training():
@@ -172,7 +217,8 @@ def test_run_flag_adds_the_estimate_to_the_final_record_and_changes_no_training_
     details = last.pop("consistency")
     assert last.pop("inconsistency") == details["lower_bound"] >= 0
     assert len(details["pairs"]) == 9 and details["eps"] == 0.05 and "lower bound" in details["note"]
-    assert details["settings"] == {"steps": 8, "step_length": 0.05, "restarts": 2, "examples_per_env": 20, "seed": 0}
+    assert details["settings"] == {"steps": 8, "step_length": 0.02, "metric": "relative", "restarts": 2,
+                                   "examples_per_env": 20, "seed": 0}
     assert [_without_timings(r) for r in with_estimate] == [_without_timings(r) for r in without]
     assert torch.equal(torch.load(tmp_path / "with" / "weights_final.pt")["0.weight"],
                        torch.load(tmp_path / "without" / "weights_final.pt")["0.weight"])
@@ -210,7 +256,7 @@ def test_tool_reproduces_the_run_estimate_and_writes_json_and_figure(tmp_path, c
     recorded = _records(run)[-1]["consistency"]
     assert result["lower_bound"] == pytest.approx(recorded["lower_bound"], rel=1e-5)
     assert [p["value"] for p in result["pairs"]] == pytest.approx([p["value"] for p in recorded["pairs"]], rel=1e-5)
-    assert all(p["path_length"] <= 8 * 0.05 + 1e-6 for p in result["pairs"])
+    assert all(p["path_length"] <= 8 * 0.02 + 1e-6 for p in result["pairs"])
     assert len(result["best_path"]["length"]) == 9
     [png] = [p for p in written if p.suffix == ".png"]
     assert matplotlib.image.imread(png)[..., :3].std() > 0.05

@@ -8,7 +8,13 @@ N^ε_{e,θ*} is the largest path-connected set containing θ* on which |L_e(θ) 
 (pairs e = e′ included, as in the paper; they contribute at most ε). ILC = −E[I^ε].
 
 The estimate. For every ordered pair (e, e′) and every restart, a path θ_0 = θ*, θ_1, ... is
-grown by proposals of length at most `step_length` (L2 norm over all trainable parameters):
+grown by proposals of length at most `step_length`, in one of two metrics (`metric`):
+"euclidean", the L2 norm over all trainable parameters, or "relative" (the default), in which
+tensor t counts ‖Δθ_t‖ / ‖θ*_t‖: per tensor, relative to its size at θ*, so that a length means
+the same in a network whose layers were rescaled against each other (ReLU layers multiplied by α
+and 1/α compute the same function) and in networks of different weight scales. The search runs
+on the variables u_t = θ_t / ‖θ*_t‖ (a tensor that is zero at θ* stays fixed), where that metric
+is Euclidean and gradients are taken with respect to u:
 
 - direction: the ascent direction a = ∇L_e′ (c = L_e(θ*)); within 5 % of ε of the
   constraint's edge, a minus its component along b = ∇|L_e − c| when that component points out
@@ -43,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from torch.utils.data import default_collate
+from torch.utils.data import BatchSampler, DataLoader, Subset
 
 from and_mask.core.errors import RunError
 
@@ -54,6 +60,8 @@ EDGE_BAND = 0.05  # within this fraction of ε of the constraint's edge, steps f
 TARGET = 0.99  # the level (fraction of ε) that the first-order correction aims for
 MAX_HALVINGS = 10
 PATHS_PER_BATCH = 32  # paths advanced together (vmapped); bounds memory
+METRICS = ("relative", "euclidean")
+READ_BATCH = 1024  # examples read at once from an environment's dataset
 
 
 @dataclass(frozen=True)
@@ -61,22 +69,27 @@ class SearchSettings:
     """The search budget (see the module docstring)."""
 
     steps: int = 50  # proposals per path
-    step_length: float = 0.05  # largest distance between consecutive points of a path
+    step_length: float = 0.02  # largest distance between consecutive points of a path
+    metric: str = "relative"  # how distances are measured: "relative" or "euclidean"
     restarts: int = 2  # paths per ordered pair: the plain ascent, then restarts with a random start
     examples_per_env: int = 256  # the fixed subset of each environment; 0: all of it
     seed: int = 0  # seeds the random directions of the restarts
 
 
 def add_search_flags(parser: argparse.ArgumentParser, prefix: str = ""):
-    """--{prefix}steps, --{prefix}step_length, --{prefix}restarts, --{prefix}examples_per_env."""
+    """--{prefix}steps, --{prefix}step_length, --{prefix}metric, --{prefix}restarts, --{prefix}examples_per_env."""
     from and_mask.core.cli import non_negative_int, positive_float, positive_int  # cli imports this module
 
     defaults = SearchSettings()
     parser.add_argument(f"--{prefix}steps", type=positive_int, default=defaults.steps,
                         help="Proposals per path of the constrained ascent (the step budget of each path).")
     parser.add_argument(f"--{prefix}step_length", type=positive_float, default=defaults.step_length,
-                        help="Largest L2 distance, over all trainable parameters, between consecutive points of "
-                             "a path.")
+                        help="Largest distance, in the metric of --" + prefix + "metric, between consecutive points "
+                             "of a path.")
+    parser.add_argument(f"--{prefix}metric", choices=METRICS, default=defaults.metric,
+                        help="How path lengths are measured: relative counts each parameter tensor's change "
+                             "relative to its norm at the trained weights (unchanged when layers are rescaled "
+                             "against each other); euclidean is the L2 norm over all trainable parameters.")
     parser.add_argument(f"--{prefix}restarts", type=positive_int, default=defaults.restarts,
                         help="Paths per ordered pair of environments: one plain ascent, the others first walk "
                              "along a random direction.")
@@ -87,7 +100,8 @@ def add_search_flags(parser: argparse.ArgumentParser, prefix: str = ""):
 
 def settings_from_args(args, prefix: str = "", seed: int = 0) -> SearchSettings:
     return SearchSettings(getattr(args, f"{prefix}steps"), getattr(args, f"{prefix}step_length"),
-                          getattr(args, f"{prefix}restarts"), getattr(args, f"{prefix}examples_per_env"), seed)
+                          getattr(args, f"{prefix}metric"), getattr(args, f"{prefix}restarts"),
+                          getattr(args, f"{prefix}examples_per_env"), seed)
 
 
 def check_env_loaders(env_loaders):
@@ -99,16 +113,23 @@ def check_env_loaders(env_loaders):
 def env_data(env_loaders, max_examples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) of the first `max_examples` (0: all) examples of each loader's dataset.
 
-    The dataset is indexed directly, not iterated through a DataLoader, whose iterator draws
-    from the global random generator (and would change a training run that follows).
+    A loader without a batch size reads a dataset indexed by lists of positions (a batch at a
+    time, as Colored MNIST's); it is read the same way here. The readers draw their base seed
+    from a private generator: an iterator of a DataLoader otherwise draws from the global random
+    generator, which would change a training run that follows.
     """
     check_env_loaders(env_loaders)
     data = []
     for loader in env_loaders:
         dataset = loader.dataset
-        count = len(dataset) if max_examples == 0 else min(max_examples, len(dataset))
-        inputs, targets = default_collate([dataset[i] for i in range(count)])[:2]
-        data.append((inputs, targets))
+        positions = range(len(dataset) if max_examples == 0 else min(max_examples, len(dataset)))
+        if loader.batch_size is None:
+            reader = DataLoader(dataset, sampler=BatchSampler(positions, READ_BATCH, drop_last=False), batch_size=None,
+                                generator=torch.Generator())
+        else:
+            reader = DataLoader(Subset(dataset, positions), batch_size=READ_BATCH, generator=torch.Generator())
+        batches = list(reader)
+        data.append((torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
     return data
 
 
@@ -194,11 +215,12 @@ def _flat(theta: dict) -> torch.Tensor:
     return torch.cat([p.reshape(p.shape[0], -1) for p in theta.values()], dim=1)
 
 
-def _search(grad_loss, theta: dict, buffers, data, envs, others, eps, settings, random_dirs, explore,
+def _search(grad_loss, theta: dict, units: dict, buffers, data, envs, others, eps, settings, random_dirs, explore,
             keep_points=False):
     """Grow one batch of paths from θ* = `theta` (see the module docstring).
 
-    `envs`, `others`: (P,) the pair (e, e′) of each path; `random_dirs`: unit directions
+    The search runs in u = θ / `units` (per tensor), where lengths are Euclidean.
+    `envs`, `others`: (P,) the pair (e, e′) of each path; `random_dirs`: unit directions (in u)
     followed for the first `explore` (P,) proposals. Returns the reference c = L_e(θ*), the
     best |L_e′ − c| of each path, the path length up to it, and the trace [(length, L_e, L_e′)
     after each proposal; NaN where rejected].
@@ -209,7 +231,8 @@ def _search(grad_loss, theta: dict, buffers, data, envs, others, eps, settings, 
     def evaluate(params):
         g_e, l_e = grad_loss(params, buffers, x_e, y_e)
         g_o, l_o = grad_loss(params, buffers, x_o, y_o)
-        return l_e.detach(), {n: g.detach() for n, g in g_e.items()}, l_o.detach(), {n: g.detach() for n, g in g_o.items()}
+        return (l_e.detach(), {n: g.detach() * units[n] for n, g in g_e.items()}, l_o.detach(),
+                {n: g.detach() * units[n] for n, g in g_o.items()})  # gradients with respect to u
 
     loss_e, grad_e, loss_o, grad_o = evaluate(theta)
     reference = loss_e.clone()
@@ -236,7 +259,7 @@ def _search(grad_loss, theta: dict, buffers, data, envs, others, eps, settings, 
         norm = _dot(move, move).sqrt()
         move = _scale(torch.where(norm > step, step / norm.clamp_min(1e-30), 1.0), move)
         norm = torch.minimum(norm, step)
-        proposal = _axpy(alive.to(step.dtype), move, theta)
+        proposal = _axpy(alive.to(step.dtype), {n: m * units[n] for n, m in move.items()}, theta)
         new_e, new_grad_e, new_o, new_grad_o = evaluate(proposal)
         feasible = ((new_e - reference).abs() <= eps) & torch.isfinite(new_e) & torch.isfinite(new_o)
         # Past its random start a path only climbs: a step that loses ground overshot, and is halved.
@@ -267,6 +290,8 @@ def estimate_inconsistency(model: nn.Module, data: list, loss_fn, eps: float,
     the order of `named_parameters`), for checking."""
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    if settings.metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {settings.metric!r}")
     sizes = {len(y) for _, y in data}
     if len(sizes) != 1:
         raise RunError(f"every environment needs the same number of examples for the consistency estimate, got "
@@ -282,6 +307,8 @@ def estimate_inconsistency(model: nn.Module, data: list, loss_fn, eps: float,
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {**dict(model.named_buffers()), **frozen}
         grad_loss = _batched_loss(model, loss_fn)
+        units = {n: p.norm() if settings.metric == "relative" else torch.ones((), dtype=p.dtype, device=p.device)
+                 for n, p in star.items()}
         reference = [0.0] * n_envs
         pairs = [(e, o, r) for r in range(settings.restarts) for e in range(n_envs) for o in range(n_envs)]
         generator = torch.Generator().manual_seed(settings.seed)
@@ -296,8 +323,8 @@ def estimate_inconsistency(model: nn.Module, data: list, loss_fn, eps: float,
             random_dirs = _random_directions(star, len(batch), generator, restart > 0)
             explore = torch.where(restart > 0, settings.steps // 4, 0)
             theta = {n: p.expand(len(batch), *p.shape).clone() for n, p in star.items()}
-            start_losses, best, length, trace = _search(grad_loss, theta, buffers, (inputs, targets), envs, others,
-                                                        eps, settings, random_dirs, explore, keep_points)
+            start_losses, best, length, trace = _search(grad_loss, theta, units, buffers, (inputs, targets), envs,
+                                                        others, eps, settings, random_dirs, explore, keep_points)
             for i, (e, o, r) in enumerate(batch):
                 reference[e] = float(start_losses[i])
                 values[r, e, o], lengths[r, e, o] = float(best[i]), float(length[i])

@@ -66,8 +66,8 @@ def plot(args, estimate) -> list[Path]:
             label=f"$|L_{{{other + 1}}} − L_{{{e + 1}}}(θ^*)|$")
     ax.axhline(estimate.eps, color="grey", linestyle=":", label="ε")
     ax.set_yscale("symlog", linthresh=estimate.eps)
-    ax.set(xlabel="path length from θ* (L2 over the trainable parameters)", ylabel="loss gap",
-           title=f"along the best path of the pair env {e + 1} → env {other + 1}")
+    ax.set(xlabel=f"path length from θ* ({settings.metric} metric)", ylabel="loss gap", ylim=(0, None),
+           title=f"best path of env {e + 1} → env {other + 1}")
     ax.legend(fontsize="small")
     return save(fig, args, "consistency")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from and_mask.core.combiners import Combiner, apply_combiner
 from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
+from and_mask.core.per_env_hvp import env_hvp, hvp_unsupported
 from and_mask.core.runlog import RunLog
 
 
@@ -84,6 +85,9 @@ class Trainer:
         self.plain = combiner.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
         self.final_metrics = final_metrics
+        problem = hvp_unsupported(setup.model) if combiner.needs_hvp and not self.plain else None
+        if problem:
+            raise RunError(f"--method {combiner.name}: {problem}")
 
     def _step(self, inputs, target, n_envs):
         model, params = self.setup.model, [p for _, p in self.named_params]
@@ -97,7 +101,10 @@ class Trainer:
         else:
             result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size,
                                    accepts_outer=True)
-            combined, diagnostics = apply_combiner(self.combiner, result.grads, self.hparams)
+            # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
+            hvp = (env_hvp(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size)
+                   if self.combiner.needs_hvp else None)
+            combined, diagnostics = apply_combiner(self.combiner, result.grads, self.hparams, hvp)
             for p, g in zip(params, combined):
                 p.grad = g
             output, loss = result.output, result.env_losses.mean()

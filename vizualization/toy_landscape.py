@@ -194,7 +194,7 @@ def plot_consistency(args, landscape, method, hparams, minima, ends):
           f"eps={args.eps}, grid {args.ilc_grid}x{args.ilc_grid}")
     ncols = min(len(minima) + 1, 3)
     fig, axes = figure(-(-(len(minima) + 1) // ncols), ncols,
-                       f"{landscape.name}: I^ε (ε={args.eps}) of the minima, and where "
+                       f"{landscape.name}: $I^ε$ (ε={args.eps}) of the minima, and where "
                        f"{method_label(method, hparams)} ends\nILC = {ilc:.4g} over {converged} of "
                        f"{len(reached)} runs that converged; regions on a {args.ilc_grid}² grid")
     colours = plt.get_cmap("tab10")(np.arange(landscape.n_envs) % 10)

@@ -137,3 +137,10 @@ def test_bad_flags_are_argparse_errors(tmp_path, change, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
     assert exit_info.value.code == 2 and change[0] in capsys.readouterr().err
+
+
+def test_consistency_estimate_is_refused_before_training(data_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="env_loaders"):
+        cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(data_path, out, "--consistency_eps", "0.1"))
+    assert read_metrics(out) == []

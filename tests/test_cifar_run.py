@@ -87,6 +87,24 @@ def test_learning_rate_drops_after_three_quarters_of_all_steps(data_path):
     assert lrs == pytest.approx([5e-4] * milestone + [5e-5] * (total - milestone))
 
 
+def test_lr_milestones_drop_the_learning_rate_after_those_epochs(data_path, tmp_path):
+    """The paper's schedule (×0.1 after epochs 40 and 60 of 80), shrunk: after epochs 1 and 2 of 3."""
+    argv = and_mask_argv(data_path, tmp_path, "--epochs", "3", "--lr_milestones", "2,1", "--agreement_threshold", "0")
+    cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
+    records = check_records(tmp_path, 3)
+    assert [r["lr"] for r in records[:3]] == pytest.approx([5e-4, 5e-5, 5e-6])
+    assert read_config(tmp_path)["flags"]["lr_milestones"] == [1, 2]
+
+
+@pytest.mark.parametrize("milestones, message", [("3", "must be below --epochs (3)"), ("0", "positive epochs, got 0"),
+                                                  ("1.5", "comma-separated positive epochs")])
+def test_bad_lr_milestones_are_argparse_errors(tmp_path, milestones, message, capsys):
+    argv = and_mask_argv(tmp_path, tmp_path / "run", "--epochs", "3", "--lr_milestones", milestones)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(data_path, tmp_path, monkeypatch):
     uninterrupted = tmp_path / "uninterrupted"
     cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(data_path, uninterrupted, "--epochs", "3"))
@@ -137,6 +155,28 @@ def test_bad_flags_are_argparse_errors(tmp_path, change, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
     assert exit_info.value.code == 2 and change[0] in capsys.readouterr().err
+
+
+TEMPORAL = ["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9", "--temporal_threshold", "0.5"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--envs_per_step", "1"], "--envs_per_step is not available for cifar"),
+    (TEMPORAL, "--weight_decay_order before is not available"),
+])
+def test_one_environment_per_step_and_coupled_decay_with_the_temporal_mask_are_refused(tmp_path, capsys, extra,
+                                                                                      message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(tmp_path / "empty", tmp_path / "run", *extra))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_temporal_and_mask_adam_run(data_path, tmp_path):
+    argv = set_flag(and_mask_argv(data_path, tmp_path, *TEMPORAL), "--weight_decay_order", None)
+    cli.main(cifar, AND_MASK_FLAGS, "and_mask", set_flag(argv, "--epochs", "1"))
+    records = check_records(tmp_path, 1)
+    assert 0 < records[0]["temporal_mask_density"] <= 1
+    assert read_config(tmp_path)["flags"]["weight_decay_order"] == "after"
 
 
 def test_consistency_estimate_is_refused_before_training(data_path, tmp_path, capsys):

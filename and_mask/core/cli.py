@@ -1,7 +1,9 @@
 """Command-line plumbing shared by every `run_*` module of both packages.
 
 An experiment module provides NAME, `add_flags(parser, package)`, `check(args, parser)` and
-`build(args, device) -> TrainSetup`; a package provides the MethodFlags that pick the combiner.
+`build(args, device) -> TrainSetup`, and `check_objective(args, objective) -> error or None` if
+training objectives (IRM, V-REx, DANN) apply to it; a package provides the MethodFlags that pick
+the method (a combiner or an objective).
 `main` parses, validates (argparse errors, never tracebacks), seeds, trains and reports.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from and_mask.core import consistency
+from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runlog import RunLog, default_output_dir
 from and_mask.core.errors import RunError
@@ -128,6 +131,37 @@ def proper_fraction(text):
     return value
 
 
+def positive_list(cast, what):
+    """argparse type: comma-separated values of the typed parser `cast`, sorted, without repeats (a tuple)."""
+    def parse(text):
+        try:
+            values = [cast(v) for v in text.split(",") if v]
+        except (ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
+        return tuple(sorted(set(values)))
+    return parse
+
+
+def add_lr_milestones_flag(group, none_means: str):
+    """--lr_milestones: epochs after which the learning rate is multiplied by 0.1; `none_means` says what None does."""
+    group.add_argument("--lr_milestones", type=positive_list(positive_int, "positive epochs"), default=None,
+                       help="Comma-separated epochs after which the learning rate is multiplied by 0.1, each below "
+                            f"--epochs. Default: {none_means}")
+
+
+def check_lr_milestones(parser, args):
+    """Refuse a milestone at or after the last epoch (it would never apply); store them as a list,
+    so that config.json holds a JSON list that compares equal on --resume."""
+    if args.lr_milestones is None:
+        return
+    late = [m for m in args.lr_milestones if m >= args.epochs]
+    if late:
+        parser.error(f"--lr_milestones {','.join(map(str, late))} must be below --epochs ({args.epochs})")
+    args.lr_milestones = list(args.lr_milestones)
+
+
 def use_cuda_flag(text):
     if text not in ("0", "1", "auto"):
         raise argparse.ArgumentTypeError(f"must be 0, 1 or auto, got {text}")
@@ -193,8 +227,15 @@ def build_parser(experiment, method_flags, package: str) -> argparse.ArgumentPar
 def main(experiment, method_flags, package: str, argv=None) -> dict:
     parser = build_parser(experiment, method_flags, package)
     args = parser.parse_args(argv)
-    combiner, hparams = method_flags.resolve(args, parser)
+    method, hparams = method_flags.resolve(args, parser)
     experiment.check(args, parser)
+    if isinstance(method, Objective):
+        check = getattr(experiment, "check_objective", None)
+        problem = check(args, method) if check else (
+            f"--method {method.name} is a training objective over environments, which the {experiment.NAME} "
+            "experiment does not have (every example is its own environment)")
+        if problem:
+            parser.error(problem)
     if args.resume and args.output_dir is None:
         parser.error("--resume needs the --output_dir of the run to continue")
     device = resolve_device(parser, args.use_cuda)
@@ -208,7 +249,7 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
         if args.consistency_eps is not None:
             final_metrics = consistency.final_metrics(setup, args.consistency_eps,
                                                       consistency.settings_from_args(args, "consistency_"))
-        trainer = Trainer(setup, combiner, hparams, runlog, device, engine=args.grad_engine,
+        trainer = Trainer(setup, method, hparams, runlog, device, engine=args.grad_engine,
                           chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
                           l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet, final_metrics=final_metrics)
         final = trainer.run(resume=args.resume)
@@ -235,8 +276,12 @@ def rebuild(run_dir, device="cpu", weights="weights_final.pt"):
     from and_mask.core.runlog import read_config
 
     config = read_config(run_dir)
-    args = argparse.Namespace(**config["flags"])
     experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
+    # Flags added after the run was made take their defaults.
+    parser = argparse.ArgumentParser()
+    experiment.add_flags(parser, config["package"])
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    args = argparse.Namespace(**{**defaults, **config["flags"]})
     seed_everything(args.seed)
     setup = experiment.build(args, torch.device(device))
     setup.model.load_state_dict(torch.load(Path(run_dir) / weights, map_location=device))

@@ -301,4 +301,4 @@ def test_only_local_batch_statistics_change_the_numbers():
     flags = {"lr": 0.1, "dist_bn": "exact", "dist_check_every": 0, "dist_gather_warn_mb": 1024.0}
     assert number_flags(flags) == {"lr": 0.1}
     assert differing_number_flags(flags, {**flags, "dist_check_every": 5, "dist_gather_warn_mb": 1.0}) == []
-    assert differing_number_flags(flags, {**flags, "dist_bn": "local"}) == ["--dist_bn local (run: absent)"]
+    assert differing_number_flags(flags, {**flags, "dist_bn": "local"}) == ["--dist_bn local (run: exact)"]

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from and_mask.core import distributed
+from and_mask.core import consistency, distributed
 from and_mask.core.env_split import DIST_BN, EnvSplit
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
@@ -198,6 +198,11 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_re
     group.add_argument("--overwrite", action="store_true",
                        help="Replace the run already in --output_dir, once the new run's setup has succeeded.")
     group.add_argument("--quiet", action="store_true", help="Print no progress bars and no per-epoch lines.")
+    group.add_argument("--consistency_eps", type=positive_float, default=None,
+                       help="After training, estimate a lower bound on the inconsistency I^ε of the trained weights "
+                            "with this ε and add it to the final record of metrics.jsonl (and_mask.core.consistency)."
+                            " Default: no estimate.")
+    consistency.add_search_flags(group, prefix="consistency_")
     add_dist_flags(parser)
     parser.set_defaults(**defaults)
 
@@ -287,11 +292,16 @@ def _train(experiment, method, hparams, args, package, parser, world) -> dict:
                 setup = experiment.build(args, world.device)
             if folder is not None:
                 folder.start({**describe(vars(args), experiment.NAME, package), "ranks": world.size})
+            final_metrics = None
+            if args.consistency_eps is not None:
+                final_metrics = consistency.final_metrics(setup, args.consistency_eps,
+                                                          consistency.settings_from_args(args, "consistency_"))
             resumes = world.broadcast_object(folder.resumes if folder is not None else None)
             runlog = distributed.rank_runlog(world, RunLog(folder.path) if folder is not None else None, output_dir)
             trainer = Trainer(setup, method, hparams, runlog, world.device, engine=args.grad_engine,
                               chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
                               l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet or not world.is_leader,
+                              final_metrics=final_metrics,
                               split=EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb))
             final = trainer.run(resume=resumes)
     except RunError as error:
@@ -302,6 +312,9 @@ def _train(experiment, method, hparams, args, package, parser, world) -> dict:
         sys.exit(ended["exit_code"])
     if world.is_leader:
         print(f"final: {format_record(final)}  (outputs in {output_dir})")
+        if "inconsistency" in final:
+            print(f"inconsistency: I^eps >= {final['inconsistency']:.6g} for eps = {args.consistency_eps}, "
+                  f"{consistency.LOWER_BOUND_NOTE}")
     return final
 
 

@@ -14,6 +14,8 @@ ENTRY_POINTS = (
     "gen_mask.run_colored_mnist",
     "gen_mask.run_cifar",
     "gen_mask.run_erm_irm",
+    "gen_mask.sweep",
+    "gen_mask.sweep.slurm_cluster",
     "vizualization.toy_landscape",
     "vizualization.plot_runs",
     "vizualization.loss_landscape",

@@ -10,5 +10,5 @@ setup(
     packages=find_packages(include=["and_mask", "and_mask.*", "gen_mask", "gen_mask.*", "vizualization", "vizualization.*"]),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "cluster": ["submitit"]},  # cluster: --launcher slurm of gen_mask.sweep
 )

@@ -230,7 +230,17 @@ seeds = [0]
 [[task]]
 name = "spirals"
 module = "gen_mask.run_synthetic"
-flags = { method = "and_mask", epochs = 2, examples_per_env = 32, n_envs = 2, batch_size = 16, n_test = 64, n_hidden_units = 16, n_hidden_layers = 1, use_cuda = 0, quiet = true }
+[task.flags]
+method = "and_mask"
+epochs = 2
+examples_per_env = 32
+n_envs = 2
+batch_size = 16
+n_test = 64
+n_hidden_units = 16
+n_hidden_layers = 1
+use_cuda = 0
+quiet = true
 [[task]]
 name = "sem"
 module = "gen_mask.run_erm_irm"

@@ -121,7 +121,8 @@ def _tasks(args, parser):
 def _plan(runs, found, folder: SweepFolder, args) -> tuple[list[Job], dict]:
     """The jobs to launch, and how many runs are in each situation."""
     states = folder.states()
-    queued = slurm.queued_runs(folder)
+    unsettled = {run_id for run_id, state in states.items() if state.status not in ("finished", "running")}
+    queued = slurm.queued_runs(folder, unsettled)
     jobs, counts = [], {}
     for run in runs:
         status = "queued" if run.id in queued else states[run.id].status

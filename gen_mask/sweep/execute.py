@@ -16,7 +16,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from gen_mask.sweep.folder import now, read_status, write_status
+from gen_mask.sweep.folder import STATUS, now, read_status, write_status
 from gen_mask.sweep.jobs import Job
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -30,12 +30,32 @@ def thread_env(threads: int, extra: dict | None = None) -> dict:
     return env
 
 
-class Child:
-    """A started job; a thread waits for its exit, so that a signal handler interrupting the
-    launcher's own wait can still stop it and wait for it (Popen's wait is not reentrant)."""
+def _status_file(run_dir: Path):
+    """Identity of the run's status.json (inode, modification time), None when absent."""
+    try:
+        stat = (run_dir / STATUS).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
-    def __init__(self, process: subprocess.Popen):
-        self.process = process
+
+def last_line(path: Path) -> str | None:
+    """The last non-empty line of a log (the error a failed run printed last)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
+class Child:
+    """A started job. A thread waits for its exit, so that a signal handler interrupting the
+    launcher's own wait can still stop the child and wait for it (Popen's wait is not reentrant)."""
+
+    def __init__(self, job: Job, process: subprocess.Popen, status_before):
+        self.job, self.process, self.status_before = job, process, status_before
         self.exited = threading.Event()
         threading.Thread(target=self._wait, daemon=True).start()
 
@@ -57,10 +77,30 @@ class Child:
             self.process.kill()
             self.exited.wait()
 
+    def finish(self, stopped: bool = False) -> int:
+        """After the exit: write status.json unless the run wrote a new one; returns the exit status.
+
+        `stopped`: the launcher stopped the run (Ctrl-C, preemption), so a non-zero exit is
+        "interrupted". A status.json is new when it is not the file that was there at the start
+        (compared by inode and time stamp, so that clocks of other machines do not matter).
+        """
+        returncode, run_dir = self.wait(), self.job.run_dir
+        if read_status(run_dir) is not None and _status_file(run_dir) != self.status_before:
+            return returncode
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if returncode == 0:
+            write_status(run_dir, "finished", 0, None)
+        elif stopped or returncode < 0:
+            write_status(run_dir, "interrupted", returncode, None)
+        else:
+            write_status(run_dir, "failed", returncode, last_line(self.job.log))
+        return returncode
+
 
 def start(job: Job, threads: int, ignore_signals=(), extra_env=None) -> Child:
     """Start `job` in its own session, output appended to its log; `ignore_signals` are ignored by the child."""
     job.log.parent.mkdir(parents=True, exist_ok=True)
+    status_before = _status_file(job.run_dir)
     with open(job.log, "a") as log:
         log.write(f"# {now()} {'resume' if job.resume else 'start'}: {shlex.join(job.command)}\n")
         log.flush()
@@ -69,36 +109,7 @@ def start(job: Job, threads: int, ignore_signals=(), extra_env=None) -> Child:
             for number in ignore_signals:
                 signal.signal(number, signal.SIG_IGN)
 
-        return Child(subprocess.Popen(job.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      env=thread_env(threads, extra_env), start_new_session=True,
-                                      preexec_fn=child_setup if ignore_signals else None))
-
-
-def last_line(path: Path) -> str | None:
-    """The last non-empty line of a log (the error a failed run printed last)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None
-    return lines[-1] if lines else None
-
-
-def finish(job: Job, returncode: int, started: float, stopped: bool = False) -> int:
-    """Write status.json unless the run wrote it during this attempt; returns `returncode`.
-
-    `stopped`: the launcher stopped the run (Ctrl-C, preemption), so a non-zero exit is "interrupted".
-    """
-    written = read_status(job.run_dir)
-    if written is not None and (job.run_dir / "status.json").stat().st_mtime >= started:
-        return returncode
-    if not job.run_dir.is_dir():
-        job.run_dir.mkdir(parents=True)
-    if returncode == 0:
-        write_status(job.run_dir, "finished", 0, None)
-    elif stopped or returncode < 0:
-        write_status(job.run_dir, "interrupted", returncode, None)
-    else:
-        write_status(job.run_dir, "failed", returncode, last_line(job.log))
-    return returncode
+        process = subprocess.Popen(job.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=thread_env(threads, extra_env), start_new_session=True,
+                                   preexec_fn=child_setup if ignore_signals else None)
+    return Child(job, process, status_before)

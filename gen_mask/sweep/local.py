@@ -11,7 +11,6 @@ import argparse
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm.auto import tqdm
@@ -45,14 +44,13 @@ class _Pool:
         with self.lock:
             if self.stopping:
                 return None
-            started = time.time()
             child = execute.start(job, self.threads)
             self.running[job.run_id] = child
-        returncode = child.wait()
+        child.wait()
         with self.lock:
             del self.running[job.run_id]
             stopped = self.stopping
-        return execute.finish(job, returncode, started, stopped=stopped)
+        return child.finish(stopped=stopped)
 
     def stop(self):
         with self.lock:

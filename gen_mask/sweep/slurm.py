@@ -46,7 +46,8 @@ def add_flags(parser: argparse.ArgumentParser):
     group.add_argument("--slurm_time", type=positive_int, default=60,
                        help="Time limit of each job, in minutes; a run that needs longer is requeued and resumed.")
     group.add_argument("--slurm_cpus_per_task", type=positive_int, default=1, help="CPUs of each task.")
-    group.add_argument("--slurm_gpus_per_task", type=positive_int, default=None, help="GPUs of each task. None: no GPU.")
+    group.add_argument("--slurm_gpus_per_task", type=positive_int, default=None,
+                       help="GPUs of each task. None: no GPU.")
     group.add_argument("--slurm_mem", type=mem, default=None,
                        help="Memory of each job in SLURM's form (4000M, 8G). None: the partition's default.")
     group.add_argument("--slurm_array_parallelism", type=positive_int, default=256,
@@ -100,9 +101,9 @@ def submitted(folder: SweepFolder) -> dict[str, str]:
     return jobs
 
 
-def queued_runs(folder: SweepFolder) -> set[str]:
-    """The runs of `folder` whose SLURM job is still queued or running (empty without SLURM)."""
-    jobs = submitted(folder)
+def queued_runs(folder: SweepFolder, run_ids) -> set[str]:
+    """Those of `run_ids` whose SLURM job is still queued or running (squeue is asked only if one has a job)."""
+    jobs = {run: job for run, job in submitted(folder).items() if run in run_ids}
     if not jobs:
         return set()
     in_queue = _squeue(set(jobs.values()))

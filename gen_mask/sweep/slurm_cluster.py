@@ -110,8 +110,9 @@ def start(folder) -> dict:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
     # --force: munged refuses a socket folder that others cannot enter (a temporary folder is 0700).
-    _run(["munged", "--force", f"--socket={folder / 'munge.socket'}", f"--key-file={key}", f"--pid-file={folder / 'munged.pid'}",
-          f"--log-file={folder / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"])
+    _run(["munged", "--force", f"--socket={folder / 'munge.socket'}", f"--key-file={key}",
+          f"--pid-file={folder / 'munged.pid'}", f"--log-file={folder / 'munged.log'}",
+          f"--seed-file={folder / 'munged.seed'}"])
     conf = folder / "slurm.conf"
     conf.write_text(slurm_conf(folder, *_free_ports(2)))
     env = {"SLURM_CONF": str(conf)}

@@ -16,7 +16,6 @@ status and requeues.
 from __future__ import annotations
 
 import signal
-import time
 
 from gen_mask.sweep import execute
 
@@ -26,7 +25,7 @@ class RunCommand:
 
     def __init__(self, job, threads: int):
         self.job, self.threads = job, threads
-        self._child, self._started, self._stopped = None, None, False
+        self._child, self._stopped = None, False
 
     def __call__(self) -> int:
         import submitit
@@ -34,13 +33,12 @@ class RunCommand:
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        self._started = time.time()
         self._child = execute.start(self.job, self.threads, ignore_signals=(signal.SIGUSR2,))
         try:
             returncode = self._child.wait()
         finally:  # also when submitit exits after a requeue
             if environment.global_rank == 0:
-                execute.finish(self.job, self._child.wait(), self._started, stopped=self._stopped)
+                self._child.finish(stopped=self._stopped)
         return returncode
 
     def checkpoint(self):

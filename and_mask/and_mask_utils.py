@@ -18,11 +18,11 @@ from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, MethodFl
 from and_mask.core.per_env_grads import OuterProducts, env_losses_from_output, grads_from_output, per_env_grads
 
 AGREEMENT_THRESHOLD = HParam(
-    "agreement_threshold", float, 1.0, "τ in [0, 1]: keep coordinates whose sign agreement |mean_e sign(g_e)| >= τ",
-    low=0.0, high=1.0)
+    "agreement_threshold", float, 1.0,
+    "τ in [0, 1]: keep the coordinates whose sign agreement |mean_e sign(g_e)| is at least τ.", low=0.0, high=1.0)
 SCALE_GRAD_INVERSE_SPARSITY = HParam(
-    "scale_grad_inverse_sparsity", int, 1, "1: rescale each tensor's update by 1/(fraction of coordinates kept)",
-    choices=(0, 1))
+    "scale_grad_inverse_sparsity", int, 1,
+    "1: multiply each tensor's update by 1/(fraction of its coordinates kept); 0: leave it as it is.", choices=(0, 1))
 
 
 AGREEMENT_CHUNK = 2 ** 17  # elements of sign(g) materialised at once (512 KiB in float32)

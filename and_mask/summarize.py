@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from and_mask.core.cli import entry_parser
 from and_mask.core.runlog import CONFIG, read_config, read_metrics
 
 IGNORED = {"seed", "output_dir", "resume", "quiet", "use_cuda", "grad_engine", "grad_chunk_size", "num_workers"}
@@ -69,8 +70,8 @@ def table(groups) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m and_mask.summarize", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding run folders")
+    parser = entry_parser("and_mask.summarize", __doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="Run folders, or folders holding run folders.")
     return parser
 
 

@@ -42,7 +42,8 @@ def _flat(grads):
 
 
 @COMBINERS.register("align_weights", hparams=[
-    HParam("weight_bound", float, 2.0, "environment weights lie in [-bound, bound] (original: 2)", low=1.0)])
+    HParam("weight_bound", float, 2.0, "Bound b ≥ 1 of the environment weights, which lie in [−b, b] (original: 2).",
+           low=1.0)])
 def align_weights(grads, weight_bound=2.0):
     """Original GEN-mask: Σ x_e g_e, x = argmax ⟨Σ x_e g_e, Σ g_e⟩, Σx = 1, |x_e| ≤ b (exact LP)."""
     # Parascandolo et al. (ICLR 2021) code, gen_mask_utils. The objective is linear in x, with
@@ -54,8 +55,9 @@ def align_weights(grads, weight_bound=2.0):
 
 
 SAND_THRESHOLD = HParam("agreement_threshold", float, 0.5,
-                        "sand_mask: soft threshold on the same agreement; τ = 1 masks everything", low=0.0, high=1.0)
-SAND_K = HParam("sand_k", float, 10.0, "k, steepness of SAND-mask's tanh(k·(a − τ)/Var_e g)", low=0.0)
+                        "For sand_mask, τ is a soft threshold on the same agreement; τ = 1 masks everything.", low=0.0,
+                        high=1.0)
+SAND_K = HParam("sand_k", float, 10.0, "Steepness k ≥ 0 of SAND-mask's tanh(k·(a − τ)/Var_e g).", low=0.0)
 
 
 @COMBINERS.register("sand_mask", hparams=[SAND_THRESHOLD, SAND_K, and_mask_utils.SCALE_GRAD_INVERSE_SPARSITY])
@@ -97,8 +99,8 @@ def median(grads):
 
 
 @COMBINERS.register("trimmed_mean", hparams=[
-    HParam("trim_fraction", float, 0.2, "β: drop the floor(β·E) largest and smallest values per coordinate",
-           low=0.0, high=0.49)])
+    HParam("trim_fraction", float, 0.2, "β in [0, 0.49]: drop the floor(β·E) largest and smallest values of each "
+           "coordinate.", low=0.0, high=0.49)])
 def trimmed_mean(grads, trim_fraction=0.2):
     """Coordinate-wise β-trimmed mean over environments (Yin et al., ICML 2018)."""
     n_envs = grads.shape[0]
@@ -143,9 +145,9 @@ def mgda(grads):
 
 
 @COMBINERS.register("cagrad", scope="model", keeps_consensus=False, hparams=[
-    HParam("cagrad_c", float, 0.5, "c ≥ 0: radius c·‖ḡ‖ of the ball around ḡ searched for the worst-case improvement",
-           low=0.0),
-    HParam("cagrad_rescale", int, 1, "divide the update by 0: 1, 1: 1 + c² (authors' default), 2: 1 + c",
+    HParam("cagrad_c", float, 0.5, "c ≥ 0: the radius c·‖ḡ‖ of the ball around ḡ searched for the worst-case "
+           "improvement.", low=0.0),
+    HParam("cagrad_rescale", int, 1, "Divide the update by 1 (0), by 1 + c² (1, the authors' choice) or by 1 + c (2).",
            choices=(0, 1, 2))])
 def cagrad(grads, cagrad_c=0.5, cagrad_rescale=1):
     """CAGrad: ḡ + c‖ḡ‖ g_w/‖g_w‖, w from CAGrad's dual (Liu et al., NeurIPS 2021)."""
@@ -163,7 +165,7 @@ def cagrad(grads, cagrad_c=0.5, cagrad_rescale=1):
 
 
 @COMBINERS.register("gaf", scope="model", hparams=[
-    HParam("cos_distance_threshold", float, 1.0, "τ in [0, 2]: fuse an environment when 1 − cos(running, g_e) ≤ τ",
+    HParam("cos_distance_threshold", float, 1.0, "τ in [0, 2]: fuse an environment when 1 − cos(running, g_e) ≤ τ.",
            low=0.0, high=2.0)])
 def gaf(grads, cos_distance_threshold=1.0):
     """Gradient agreement filtering: fuse g_e when its cosine distance is ≤ τ (Chaubard et al., 2024)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from and_mask.core.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, proper_fraction,
+                               seed_int)
 from and_mask.core.errors import RunError
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
@@ -30,62 +31,65 @@ DEFAULTS = {
 
 
 def positive_list(cast, what):
-    """argparse type: comma-separated positive values, sorted, without repeats."""
+    """argparse type: comma-separated values of the typed parser `cast`, sorted, without repeats."""
     def parse(text):
         try:
             values = [cast(v) for v in text.split(",") if v]
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
-        if not values or min(values) <= 0:
-            raise argparse.ArgumentTypeError(f"expected positive {what}, got {text}")
         return tuple(sorted(set(values)))
     return parse
 
 
-int_list = positive_list(int, "integers")
-weight_list = positive_list(float, "numbers")
+int_list = positive_list(positive_int, "positive integers")
+weight_list = positive_list(positive_float, "positive finite numbers")
 
 
-def val_fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
+def per_kind_default(name: str) -> str:
+    """The help's sentence on a flag whose default depends on the kind of data set (DEFAULTS)."""
+    sem, cmnist = (",".join(map(str, v)) if isinstance(v, list) else str(v)
+                   for v in (DEFAULTS["sem"][name], DEFAULTS["cmnist"][name]))
+    return f"Default: {sem} for the SEMs, {cmnist} for Colored MNIST."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gen_mask.run_erm_irm", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser = entry_parser("gen_mask.run_erm_irm", __doc__)
+    parser.add_argument("--dataset", required=True, choices=DATASETS,
+                        help="A linear SEM (sem_*) or a Colored MNIST variant (*_cmnist) of the benchmark.")
     parser.add_argument("--methods", default="erm,irm,and_mask",
-                        help=f"comma-separated, from: {', '.join(valid_methods())} (default erm,irm,and_mask); "
-                             "combiners use their default hyper-parameters")
+                        help=f"Comma-separated methods, from: {', '.join(valid_methods())}; each combiner runs with "
+                             "the hyper-parameters its registry entry gives it.")
     parser.add_argument("--n_train", type=int_list, default=None,
-                        help="comma-separated training sizes; SEMs: examples per environment (default "
-                             "50,200,500,1000,1500,2000); Colored MNIST: images drawn before the split into two "
-                             "environments (default 1000,5000,10000,30000,60000)")
-    parser.add_argument("--trials", type=positive_int, default=None, help="trials per size (default SEM 25, CMNIST 10)")
-    parser.add_argument("--out", required=True, help="folder for results.jsonl, table.md, error_vs_n.png")
-    parser.add_argument("--seed", type=non_negative_int, default=0,
-                        help="base seed; trial t of size n draws from (seed, t, n)")
+                        help="Comma-separated training sizes: for the SEMs examples per environment, for Colored MNIST "
+                             "images drawn before the split into two environments. " + per_kind_default("n_train"))
+    parser.add_argument("--trials", type=positive_int, default=None,
+                        help="Trials per size. " + per_kind_default("trials"))
+    parser.add_argument("--out", required=True, help="Folder for results.jsonl, table.md and error_vs_n.png.")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="Base seed: trial t of size n draws from (seed, t, n).")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="Adam steps of every method, IRM's warm-up included (default SEM 2000, CMNIST 1000)")
+                        help="Adam steps of every method, IRM's warm-up included. " + per_kind_default("steps"))
     parser.add_argument("--lr", type=positive_float, default=None,
-                        help="Adam learning rate (default SEM 1e-2, CMNIST 4.9e-4)")
+                        help="Adam's learning rate. " + per_kind_default("lr"))
     parser.add_argument("--l2", type=non_negative_float, default=None,
-                        help="coefficient of l2·‖θ‖² (default SEM 0, CMNIST 1.1e-3)")
+                        help="Coefficient of l2·‖θ‖². " + per_kind_default("l2"))
     parser.add_argument("--batch_size", type=positive_int, default=512,
-                        help="CMNIST: examples per step, half from each environment (SEMs are full batch)")
+                        help="Colored MNIST: examples per step, half from each environment (the SEMs are trained full "
+                             "batch).")
     parser.add_argument("--penalty_weights", type=weight_list, default=PENALTY_WEIGHTS,
-                        help="IRM's candidate penalty weights, one chosen per trial on validation data "
-                             "(default 1e4,3.3e4,6.6e4,1e5)")
+                        help="IRM's comma-separated candidate penalty weights; one is chosen per trial on validation "
+                             "data.")
     parser.add_argument("--anneal_steps", type=positive_int, default=ANNEAL_STEPS,
-                        help="IRM's warm-up steps with penalty weight 1 (default 190)")
-    parser.add_argument("--val_fraction", type=val_fraction, default=0.2,
-                        help="share of each training environment held out for IRM's choice (default 0.2)")
+                        help="IRM's warm-up steps with penalty weight 1.")
+    parser.add_argument("--val_fraction", type=proper_fraction, default=0.2,
+                        help="Share of each training environment held out for IRM's choice of penalty weight.")
     parser.add_argument("--image_data", choices=["mnist", "fashion_mnist"], default="mnist",
-                        help="images of the Colored variants (default mnist)")
-    parser.add_argument("--data_path", default=None, help="torchvision data root (default: the repository's data/)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+                        help="Images of the Colored MNIST variants.")
+    parser.add_argument("--data_path", default=None,
+                        help="Torchvision data root. Default: the repository's data/ folder.")
+    parser.add_argument("--quiet", action="store_true", help="Show no progress bar.")
     return parser
 
 

@@ -25,3 +25,13 @@ ENTRY_POINTS = (
 def parser_of(module: str):
     """The argparse parser of an entry module."""
     return importlib.import_module(module).build_parser()
+
+
+def required_argv(parser) -> list[str]:
+    """A command line giving every required flag and positional a valid value (the first choice, else 1)."""
+    argv = []
+    for action in parser._actions:
+        if action.required:
+            value = str(action.choices[0] if action.choices else 1)
+            argv += [action.option_strings[0], value] if action.option_strings else [value]
+    return argv

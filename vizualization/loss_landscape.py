@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from and_mask.core.cli import positive_float, positive_int, rebuild
+from and_mask.core.cli import entry_parser, finite_float, positive_float, positive_int, rebuild, seed_int
 from and_mask.core.errors import RunError
 from and_mask.core.training import evaluate
 from vizualization.plotting import add_output_flags, figure, plt, run_cli, save
@@ -140,22 +140,25 @@ def plot_plane(args, coords, losses):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vizualization.loss_landscape",
-                                     description=(__doc__ or "").strip().splitlines()[0])
-    parser.add_argument("--run", required=True, help="output folder of a training run (config.json and weights)")
-    parser.add_argument("--points_1d", type=positive_int, default=31, help="values of α (default 31)")
-    parser.add_argument("--alpha_range", type=float, nargs=2, default=(-0.25, 1.25), metavar=("LOW", "HIGH"))
-    parser.add_argument("--points_2d", type=positive_int, default=21, help="grid points per plane axis (default 21)")
-    parser.add_argument("--span", type=positive_float, default=1.0, help="the plane covers a, b ∈ [−span, span]")
+    parser = entry_parser("vizualization.loss_landscape", __doc__)
+    parser.add_argument("--run", required=True, help="Output folder of a training run, with config.json and weights.")
+    parser.add_argument("--points_1d", type=positive_int, default=31, help="Values of α on the interpolation line.")
+    parser.add_argument("--alpha_range", type=finite_float, nargs=2, default=[-0.25, 1.25], metavar=("LOW", "HIGH"),
+                        help="Interval of α, LOW < HIGH (α = 0: initial weights, α = 1: trained weights).")
+    parser.add_argument("--points_2d", type=positive_int, default=21, help="Grid points per axis of the plane.")
+    parser.add_argument("--span", type=positive_float, default=1.0, help="The plane covers a, b ∈ [−span, span].")
     parser.add_argument("--examples_per_env", type=positive_int, default=1024,
-                        help="examples of each training environment evaluated at every point (default 1024)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+                        help="Examples of each training environment evaluated at every point.")
+    parser.add_argument("--seed", type=seed_int, default=0, help="Seed of the random directions.")
     add_output_flags(parser)
     return parser
 
 
 def main(argv=None) -> list:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.alpha_range[0] < args.alpha_range[1]:
+        parser.error(f"--alpha_range needs LOW < HIGH, got {args.alpha_range[0]} {args.alpha_range[1]}")
     for name in (INIT, FINAL, "config.json"):
         if not (Path(args.run) / name).exists():
             raise RunError(f"{args.run} has no {name}; loss landscapes need a finished run's folder")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from and_mask.core.cli import entry_parser
 from and_mask.core.errors import RunError
 from and_mask.core.runlog import CONFIG, METRICS, read_config, read_metrics
 from gen_mask.gen_mask_utils import COMBINERS
@@ -145,9 +146,8 @@ def plot_mask_density(args, groups):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vizualization.plot_runs",
-                                     description=(__doc__ or "").strip().splitlines()[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of training runs")
+    parser = entry_parser("vizualization.plot_runs", __doc__)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Output folders of training runs.")
     add_output_flags(parser)
     return parser
 

@@ -18,9 +18,9 @@ PANEL = (4.6, 3.8)  # inches per panel; images are exactly figsize × dpi pixels
 
 def add_output_flags(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("output")
-    group.add_argument("--out", required=True, help="folder for the figures (created if missing)")
-    group.add_argument("--dpi", type=positive_int, default=100, help="pixels per inch of the PNGs (default 100)")
-    group.add_argument("--pdf", action="store_true", help="also write each figure as PDF")
+    group.add_argument("--out", required=True, help="Folder for the figures, created if missing.")
+    group.add_argument("--dpi", type=positive_int, default=100, help="Pixels per inch of the PNGs.")
+    group.add_argument("--pdf", action="store_true", help="Also write each figure as a PDF.")
 
 
 def figure(nrows: int, ncols: int, title: str | None = None):

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from matplotlib.colors import TwoSlopeNorm
 
-from and_mask.core.cli import non_negative_float, positive_float, positive_int
+from and_mask.core.cli import (entry_parser, finite_float, non_negative_float, positive_float, positive_int,
+                               probability, seed_int)
 from and_mask.core.combiners import MethodFlags
 from vizualization.dynamics import KINDS, basin_map, find_minima, hessian_eigenvalues, method_dynamics
 from vizualization.landscapes import DTYPE, LANDSCAPES, default_lr, env_grads, env_losses
@@ -31,34 +32,29 @@ METHOD_FLAGS = MethodFlags(TOY_METHODS, required=False, default_method="mean")
 MARKERS = {"invariant": ("*", "gold", 16), "spurious": ("X", "red", 10)}
 
 
-def momentum_value(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vizualization.toy_landscape",
-                                     description=(__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser("vizualization.toy_landscape", __doc__)
     group = parser.add_argument_group("landscape and dynamics")
-    group.add_argument("--landscape", choices=sorted(LANDSCAPES), default="ilc_paper")
-    group.add_argument("--momentum", type=momentum_value, default=0.0, help="heavy-ball μ in [0, 1) (default 0)")
+    group.add_argument("--landscape", choices=sorted(LANDSCAPES), default="ilc_paper",
+                       help="The 2-D landscape of two environments.")
+    group.add_argument("--momentum", type=probability, default=0.0, help="Heavy-ball momentum μ, in [0, 1).")
     group.add_argument("--noise", type=non_negative_float, default=0.0,
-                       help="σ of the Gaussian noise added to each environment's gradient (default 0; the "
-                            "original used 3 on ilc_paper)")
-    group.add_argument("--steps", type=positive_int, default=500, help="steps of the trajectory and basin runs")
+                       help="σ of the Gaussian noise added to each environment's gradient (the original used 3 on "
+                            "ilc_paper).")
+    group.add_argument("--steps", type=positive_int, default=500, help="Steps of the trajectory and of each basin run.")
     group.add_argument("--lr", type=positive_float, default=None,
-                       help="step size η (default 1 / largest Hessian eigenvalue on the grid)")
-    group.add_argument("--start", type=float, nargs=2, metavar=("X", "Y"), default=None,
-                       help="start of the trajectory (default: the landscape's)")
-    group.add_argument("--basin_grid", type=positive_int, default=40, help="start cells per axis of the basin maps")
-    group.add_argument("--repeats", type=positive_int, default=8, help="noisy runs per start cell (1 without noise)")
+                       help="Step size η. Default: 1 / the largest Hessian eigenvalue magnitude of any environment on "
+                            "the plotting grid.")
+    group.add_argument("--start", type=finite_float, nargs=2, metavar=("X", "Y"), default=None,
+                       help="Start of the trajectory. Default: the landscape's own start.")
+    group.add_argument("--basin_grid", type=positive_int, default=40, help="Start cells per axis of the basin maps.")
+    group.add_argument("--repeats", type=positive_int, default=8,
+                       help="Noisy runs per start cell (one run when there is no noise).")
     group.add_argument("--radius", type=positive_float, default=1.0,
-                       help="an end point within this distance of a minimum has reached it; also the distance "
-                            "within which every environment needs a minimum for an invariant one")
-    group.add_argument("--seed", type=int, default=0, help="seed of the gradient noise")
-    group.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="which figures to draw")
+                       help="An end point within this distance of a minimum has reached it; also the distance "
+                            "within which every environment needs a minimum for an invariant one.")
+    group.add_argument("--seed", type=seed_int, default=0, help="Seed of the gradient noise.")
+    group.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="The figures to draw.")
     METHOD_FLAGS.add_flags(parser)
     add_output_flags(parser)
     return parser

@@ -96,11 +96,11 @@ def lookahead(landscape: Landscape, points, lr: float, noise: float = 0.0, gener
 
 TOY_ONLY = CombinerRegistry()
 TOY_ONLY.add(Combiner("reptile", reptile, hparams=(
-    HParam("reptile_steps", int, 5, "inner gradient steps per environment (k)", low=1),)))
+    HParam("reptile_steps", int, 5, "Inner gradient steps k per environment.", low=1),)))
 TOY_ONLY.add(Combiner("lookahead", lookahead, hparams=(
-    HParam("lookahead_lambda", float, 1.0, "weight λ of the post-step gradient agreement", low=0.0),
-    HParam("lookahead_steps", int, 5, "gradient steps on the logits of the environment weights", low=0),
-    HParam("lookahead_lr", float, 1.0, "step size of those logit updates", low=0.0))))
+    HParam("lookahead_lambda", float, 1.0, "Weight λ of the post-step gradient agreement.", low=0.0),
+    HParam("lookahead_steps", int, 5, "Gradient steps on the logits of the environment weights.", low=0),
+    HParam("lookahead_lr", float, 1.0, "Step size of the updates of those logits.", low=0.0))))
 
 TOY_METHODS = CombinerRegistry(COMBINERS)
 for _method in TOY_ONLY.values():

@@ -7,6 +7,7 @@ An experiment module provides NAME, `add_flags(parser, package)`, `check(args, p
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 
@@ -17,6 +18,54 @@ from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runlog import RunLog, default_output_dir
 from and_mask.core.errors import RunError
 from and_mask.core.training import Trainer, format_record
+
+# numpy's RandomState takes seeds in [0, 2**32 - 1], the narrowest range of the generators seeded
+# (torch takes [-2**63, 2**64 - 1], Python's random any integer).
+MAX_SEED = 2 ** 32 - 1
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help that appends each flag's real default, "Default: X.", X written as it is typed.
+
+    Nothing is appended for a required flag, a switch (store_true: absent means off, which its
+    help describes) or a flag whose default is None: such a help says in words what happens
+    without the flag. Help texts therefore never state a default themselves.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.nargs == 0 or action.default is None
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} Default: {as_typed(action).replace('%', '%%')}.".lstrip()  # argparse %-formats help
+
+
+def as_typed(action) -> str:
+    """An action's default as it would be typed: nargs values space-separated, a list type's comma-separated."""
+    default = action.default
+    if isinstance(default, (list, tuple)):
+        return (" " if action.nargs not in (None, "?") else ",").join(map(str, default))
+    return str(default)
+
+
+def first_paragraph(doc: str) -> str:
+    """The first paragraph of a docstring as one line: a parser's description, never cut mid-sentence."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def entry_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of the entry point `python -m module`, described by the first paragraph of `doc`."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=first_paragraph(doc),
+                                     formatter_class=HelpFormatter, add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    return parser
+
+
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def positive_int(text):
@@ -30,6 +79,14 @@ def non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def seed_int(text):
+    """A seed that numpy, torch and Python all accept: an integer in [0, MAX_SEED]."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (numpy's seed range), got {text}")
     return value
 
 
@@ -48,7 +105,7 @@ def non_negative_float(text):
 
 
 def probability(text):
-    """A dropout probability or fraction in [0, 1)."""
+    """A number in [0, 1): a dropout probability, a momentum."""
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
@@ -62,28 +119,46 @@ def fraction(text):
     return value
 
 
+def proper_fraction(text):
+    """A share strictly between 0 and 1, e.g. of examples held out."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
 def use_cuda_flag(text):
     if text not in ("0", "1", "auto"):
         raise argparse.ArgumentTypeError(f"must be 0, 1 or auto, got {text}")
     return text
 
 
-def add_run_flags(parser: argparse.ArgumentParser):
+def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_required: bool):
+    """The flags of every training run; an experiment may change their `defaults` and require --output_dir."""
     group = parser.add_argument_group("run")
-    group.add_argument("--output_dir", default=None,
-                       help="folder for config.json, metrics.jsonl and checkpoints (default: a new folder under runs/)")
-    group.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python (default 0)")
-    group.add_argument("--use_cuda", type=use_cuda_flag, default="auto",
-                       help="1: train on CUDA (error if absent); 0: CPU; auto: CUDA when available (default)")
+    group.add_argument("--output_dir", default=None, required=output_dir_required,
+                       help="Folder for config.json, metrics.jsonl, the checkpoint and the weights."
+                            + ("" if output_dir_required else " Default: a new, uniquely named folder under runs/."))
+    group.add_argument("--seed", type=seed_int, default=0,
+                       help="Seed of torch, numpy and Python's random module, and of the data's random draws.")
+    group.add_argument("--use_cuda", type=use_cuda_flag, default="auto", metavar="{0,1,auto}",
+                       help="Where to train: 1 on CUDA (an error if it is absent), 0 on the CPU, auto on CUDA when "
+                            "it is available.")
     group.add_argument("--grad_engine", choices=ENGINES, default="auto",
-                       help="per-environment gradient engine: outer (one example per environment, Linear layers "
-                            "only), vmap (vectorised, examples independent), shared (exact through BatchNorm batch "
-                            "statistics), loop (the original), auto (default: the fastest exact one)")
-    group.add_argument("--grad_chunk_size", type=positive_int, default=None,
-                       help="environments per vectorised backward pass, to bound memory (default: all at once)")
+                       help="Engine of the per-environment gradients: outer (one example per environment, Linear "
+                            "layers only), vmap (vectorised, examples independent), shared (exact through BatchNorm "
+                            "batch statistics), loop (the original's loop) or auto (outer where it applies, else vmap "
+                            "where it is exact, else shared).")
+    chunk_help = ("Environments per batched backward pass of the shared engine, or per vectorised chunk of the vmap "
+                  "engine, to bound memory; the loop engine takes one at a time and outer all at once.")
+    if defaults.get("grad_chunk_size") is None:
+        chunk_help += (" Default: shared takes all environments at once on CUDA and one at a time on the CPU "
+                       "(faster there); vmap takes all at once.")
+    group.add_argument("--grad_chunk_size", type=positive_int, default=None, help=chunk_help)
     group.add_argument("--resume", action="store_true",
-                       help="continue the run in --output_dir from its last end-of-epoch checkpoint")
-    group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+                       help="Continue the run in --output_dir from its last end-of-epoch checkpoint.")
+    group.add_argument("--quiet", action="store_true", help="Print no progress bars and no per-epoch lines.")
+    parser.set_defaults(**defaults)
 
 
 def resolve_device(parser, use_cuda: str) -> torch.device:
@@ -100,13 +175,12 @@ def seed_everything(seed: int):
 
 
 def build_parser(experiment, method_flags, package: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {package}.run_{experiment.NAME}",
-                                     description=(experiment.__doc__ or "").strip().splitlines()[0])
+    parser = entry_parser(f"{package}.run_{experiment.NAME}", experiment.__doc__)
     experiment.add_flags(parser, package)
     method_flags.add_flags(parser)
-    add_run_flags(parser)
     # An experiment may change the default of a run flag (e.g. Colored MNIST: --use_cuda 0).
-    parser.set_defaults(**getattr(experiment, "RUN_FLAG_DEFAULTS", {}))
+    add_run_flags(parser, getattr(experiment, "RUN_FLAG_DEFAULTS", {}),
+                  output_dir_required=getattr(experiment, "OUTPUT_DIR_REQUIRED", False))
     return parser
 
 

@@ -10,6 +10,7 @@ tensor. Writing `param.grad` happens in one place, `apply_combiner`'s caller.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,7 +34,9 @@ class HParam:
     choices: tuple | None = None
 
     def check(self, value) -> str | None:
-        """Return an error message if `value` is not allowed, else None."""
+        """Return an error message if `value` is not allowed (NaN and ±inf never are), else None."""
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"--{self.name} must be a finite number, got {value}"
         if self.choices is not None and value not in self.choices:
             return f"--{self.name} must be one of {list(self.choices)}, got {value}"
         if self.low is not None and value < self.low:
@@ -147,21 +150,25 @@ class MethodFlags:
         self.default_method = default_method
 
     def add_flags(self, parser: argparse.ArgumentParser):
+        from and_mask.core.cli import finite_float  # not at the top: cli imports the loop, which imports this module
+
         names = sorted(self.registry)
-        method_help = "; ".join(f"{n}: {self.registry[n].summary.rstrip('.')}" for n in names)
         group = parser.add_argument_group("gradient combination")
         group.add_argument("--method", choices=names, required=self.default_method is None,
-                           default=self.default_method, help=method_help)
+                           default=self.default_method, help="The rule that combines the per-environment gradients. "
+                           + " ".join(f"{n}: {self.registry[n].summary.rstrip('.')}." for n in names))
         declared = {}
         for name in names:
             for hp in self.registry[name].hparams:
                 declared.setdefault(hp.name, (hp, []))[1].append(name)
         for flag, (hp, users) in declared.items():
-            default_note = "" if self.required else " (default: the combiner's own, " + ", ".join(
-                f"{u}: {self.registry[u].defaults()[flag]}" for u in users) + ")"
             helps = dict.fromkeys(h.help for u in users for h in self.registry[u].hparams if h.name == flag)
-            group.add_argument(f"--{flag}", type=hp.type, required=self.required, default=None,
-                               help=f"{'; '.join(helps)} [used by {', '.join(users)}]{default_note}")
+            text = f"{' '.join(helps)} Used by {', '.join(users)}."
+            if not self.required:
+                text += " Default: the chosen method's own value (" + ", ".join(
+                    f"{u} {self.registry[u].defaults()[flag]}" for u in users) + ")."
+            group.add_argument(f"--{flag}", type=finite_float if hp.type is float else hp.type,
+                               required=self.required, default=None, help=text)
         self._declared = declared
 
     def resolve(self, args, parser) -> tuple[Combiner, dict]:

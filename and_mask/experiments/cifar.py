@@ -22,38 +22,39 @@ NAME = "cifar"
 # With τ > 0 each of the (default 80) examples is an environment and each environment's backward
 # pass runs through the whole batch; 16 environments per batched backward bound the memory.
 RUN_FLAG_DEFAULTS = {"grad_chunk_size": 16}
+OUTPUT_DIR_REQUIRED = True  # as in the original
 
 
 def add_flags(parser, package):
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                      help="cifar10 (default) or fashion_mnist (resized to 32x32, repeated to 3 channels)")
+                      help="cifar10, or fashion_mnist resized to 32×32 and repeated to 3 channels.")
     data.add_argument("--data_path", default=None,
-                      help="torchvision root holding cifar-10-batches-py/ (or FashionMNIST/raw/); default: data/")
+                      help="Torchvision root holding cifar-10-batches-py/ (or FashionMNIST/raw/). Default: the "
+                           "repository's data/ folder.")
     data.add_argument("--download", type=int, choices=[0, 1], default=1,
-                      help="1: download the data set when its files are missing (default)")
+                      help="1: try to download the data set when its files are missing; 0: never download.")
     data.add_argument("--random_labels_fraction", type=fraction, required=True,
-                      help="fraction of training images given a uniformly random label (seeded by --seed)")
+                      help="Fraction of training images given a uniformly random label, drawn from --seed.")
     data.add_argument("--train_subset", type=positive_int, default=None,
-                      help="use only the first N training images (before relabelling); default: all")
+                      help="Use only the first N training images (before relabelling). Default: all of them.")
     data.add_argument("--test_subset", type=positive_int, default=None,
-                      help="evaluate on the first N test images only; default: all")
+                      help="Evaluate on the first N test images only. Default: all of them.")
     data.add_argument("--num_workers", type=non_negative_int, default=10,
-                      help="DataLoader worker processes (0: the main process)")
+                      help="DataLoader worker processes (0: load in the main process).")
     train = parser.add_argument_group("training")
     train.add_argument("--batch_size", type=positive_int, default=80,
-                       help="examples per step; with τ > 0 each is its own environment")
-    train.add_argument("--epochs", type=positive_int, default=80)
+                       help="Examples per step; with τ > 0 each is its own environment.")
+    train.add_argument("--epochs", type=positive_int, default=80, help="Training epochs.")
     train.add_argument("--init_lr", type=positive_float, required=True,
-                       help="learning rate (x0.1 after 3/4 of all iterations)")
-    train.add_argument("--weight_decay", type=non_negative_float, required=True)
+                       help="Adam's learning rate, multiplied by 0.1 after 3/4 of all iterations.")
+    train.add_argument("--weight_decay", type=non_negative_float, required=True,
+                       help="Weight decay coefficient, applied as --weight_decay_order says.")
     train.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
-                       help="before: L2 added to the gradient before Adam's moments; after: decoupled decay")
+                       help="before: L2 added to the gradient before Adam's moments; after: decoupled decay.")
 
 
 def check(args, parser):
-    if args.output_dir is None:
-        parser.error("the following arguments are required: --output_dir")
     if args.train_subset is not None and args.batch_size > args.train_subset:
         parser.error(f"--batch_size ({args.batch_size}) exceeds --train_subset ({args.train_subset})")
 

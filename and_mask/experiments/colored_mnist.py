@@ -13,7 +13,7 @@ Evaluation sets: ``train_eval`` (the whole training set with the labels it is tr
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_int, probability
+from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.colored_mnist import PROTOCOLS, ColoredImages, batch_loader, prepared, relabel
@@ -24,47 +24,56 @@ from and_mask.models import MLP
 NAME = "colored_mnist"
 N_CLASSES = 2  # the task is binary: y = 1[digit >= 5] with label noise
 RUN_FLAG_DEFAULTS = {"use_cuda": "0"}  # the original's default
+OUTPUT_DIR_REQUIRED = True  # as in the original
 
 
 def add_flags(parser, package):
     group = parser.add_argument_group("colored mnist")
-    group.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="source of the grey images")
+    group.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="Source of the grey images.")
     group.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
-                       help="original: 28×28×3, envs of 20 000/20 000/20 000 with colour flips 0.2/0.1/0.9; "
-                            "irm: 14×14×2, 25 000/25 000 training and 10 000 test images (flips 0.2/0.1/0.9)")
+                       help="original: 28×28×3 images, environments of 20 000/20 000/20 000 with colour flips "
+                            "0.2/0.1/0.9; irm: 14×14×2 images, 25 000/25 000 training and 10 000 test images (flips "
+                            "0.2/0.1/0.9).")
     group.add_argument("--agreement_envs", choices=["example", "color"], default="example",
-                       help="example: every example of a batch is an environment (the original); color: the "
-                            "two training colour environments, --batch_size examples from each per step")
+                       help="example: every example of a batch is an environment (the original); color: the two "
+                            "training colour environments, --batch_size examples from each per step.")
     group.add_argument("--data_path", default=str(DEFAULT_DATA_PATH),
-                       help="torchvision root holding MNIST/raw or FashionMNIST/raw; prepared tensors are cached "
-                            "in DATA_PATH/cache")
-    group.add_argument("--num_workers", type=non_negative_int, default=1, help="data-loading worker processes")
-    group.add_argument("--init_lr", type=non_negative_float, required=True,
-                       help="Adam learning rate, x0.1 at 3/4 of all iterations")
-    group.add_argument("--weight_decay", type=non_negative_float, required=True)
+                       help="Torchvision root holding MNIST/raw or FashionMNIST/raw; the prepared tensors are cached "
+                            "in DATA_PATH/cache.")
+    group.add_argument("--num_workers", type=non_negative_int, default=1,
+                       help="Data-loading worker processes (0: load in the main process).")
+    group.add_argument("--init_lr", type=positive_float, required=True,
+                       help="Adam's learning rate, multiplied by 0.1 after 3/4 of all iterations.")
+    group.add_argument("--weight_decay", type=non_negative_float, required=True,
+                       help="Weight decay coefficient wd, applied as --weight_decay_order says.")
     group.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
-                       help="before: wd·θ added to the gradient before Adam; after: decoupled, after the step")
+                       help="before: wd·θ is added to the gradient before Adam; after: decoupled, applied after the "
+                            "step.")
     group.add_argument("--random_labels_fraction", type=fraction, required=True,
-                       help="fraction of training examples whose label is replaced by a uniform one in {0, 1}")
+                       help="Fraction of training examples whose label is replaced by a uniform one in {0, 1}.")
     group.add_argument("--batch_size", type=positive_int, default=100,
-                       help="examples per step (example envs) or per colour environment per step (color envs)")
-    group.add_argument("--epochs", type=positive_int, default=15)
-    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0)
-    group.add_argument("--dropout_p", type=probability, default=0.0)
+                       help="Examples per step (--agreement_envs example) or per colour environment per step (color).")
+    group.add_argument("--epochs", type=positive_int, default=15, help="Training epochs.")
+    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0,
+                       help="1: BatchNorm after every hidden Linear layer; 0: none.")
+    group.add_argument("--dropout_p", type=probability, default=0.0,
+                       help="Dropout probability after every hidden layer, in [0, 1).")
     group.add_argument("--n_dims", type=positive_int, default=None,
-                       help="input size; must equal the protocol's (original 3·28·28 = 2352, irm 2·14·14 = 392)")
-    group.add_argument("--n_hidden_units", type=positive_int, default=28 * 28)
-    group.add_argument("--n_hidden_layers", type=non_negative_int, default=0, help="0: logistic regression")
+                       help="Input size, checked against the protocol's (original 3·28·28 = 2352, irm 2·14·14 = 392). "
+                            "Default: the protocol's.")
+    group.add_argument("--n_hidden_units", type=positive_int, default=28 * 28, help="Units of every hidden layer.")
+    group.add_argument("--n_hidden_layers", type=non_negative_int, default=0,
+                       help="Hidden layers of the MLP; 0 makes it logistic regression.")
     group.add_argument("--n_outputs", type=positive_int, default=10,
-                       help="1: one logit, BCE; >= 2: softmax cross-entropy over n_outputs logits of which the "
-                            "classes 0 and 1 are the task's (the original's 10 works; 2 is the exact model)")
-    group.add_argument("--l1_coef", type=non_negative_float, default=0.0, help="adds l1_coef·sign(θ) to the gradient")
-    group.add_argument("--l2_coef", type=non_negative_float, default=0.0, help="adds l2_coef·θ to the gradient")
+                       help="1: one logit and BCE; 2 or more: softmax cross-entropy over n_outputs logits, of which "
+                            "classes 0 and 1 are the task's (the original's 10 works; 2 is the exact model).")
+    group.add_argument("--l1_coef", type=non_negative_float, default=0.0,
+                       help="Adds l1_coef·sign(θ) to the gradient, after combining.")
+    group.add_argument("--l2_coef", type=non_negative_float, default=0.0,
+                       help="Adds l2_coef·θ to the gradient, after combining.")
 
 
 def check(args, parser):
-    if args.output_dir is None:  # required, as in the original (the flag itself is shared by every experiment)
-        parser.error("the following arguments are required: --output_dir")
     n_inputs = PROTOCOLS[args.protocol].n_inputs
     if args.n_dims is not None and args.n_dims != n_inputs:
         parser.error(f"--n_dims {args.n_dims} does not match --protocol {args.protocol} (inputs of size {n_inputs})")

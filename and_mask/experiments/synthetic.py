@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import non_negative_float, positive_float, positive_int, probability
+from and_mask.core.cli import MAX_SEED, non_negative_float, positive_float, positive_int, probability
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.common import env_group_batches
 from and_mask.datasets.synthetic import make_loaders
@@ -14,26 +14,30 @@ NAME = "synthetic"
 
 def add_flags(parser, package):
     group = parser.add_argument_group("synthetic task")
-    group.add_argument("--examples_per_env", type=positive_int, default=1024, help="training examples per environment")
-    group.add_argument("--n_test", type=positive_int, default=2000, help="test examples (signatures are noise)")
+    group.add_argument("--examples_per_env", type=positive_int, default=1024, help="Training examples per environment.")
+    group.add_argument("--n_test", type=positive_int, default=2000, help="Test examples, whose signatures are noise.")
     if package == "and_mask":
-        group.add_argument("--n_train_envs", type=positive_int, default=16, help="training environments")
+        group.add_argument("--n_train_envs", type=positive_int, default=16, help="Training environments.")
         group.add_argument("--n_agreement_envs", type=positive_int, default=16,
-                           help="environments per step whose gradients are combined (divides --n_train_envs)")
+                           help="Environments whose gradients are combined at each step; it divides --n_train_envs.")
     else:
         group.add_argument("--n_envs", type=positive_int, default=16,
-                           help="training environments, all combined at every step")
-    group.add_argument("--n_revolutions", type=positive_int, default=3, help="turns of each spiral")
-    group.add_argument("--n_dims", type=positive_int, default=8, help="dimensions of the signature shortcut")
-    group.add_argument("--batch_size", type=positive_int, default=256, help="examples per environment per step")
-    group.add_argument("--epochs", type=positive_int, default=150)
-    group.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (x0.1 at 3/4 of the epochs)")
-    group.add_argument("--weight_decay", type=non_negative_float, default=1e-3, help="Adam's coupled L2 weight decay")
-    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0)
-    group.add_argument("--dropout_p", type=probability, default=0.0)
-    group.add_argument("--n_hidden_units", type=positive_int, default=256)
-    group.add_argument("--n_hidden_layers", type=positive_int, default=3)
-    group.add_argument("--l1_coef", type=non_negative_float, default=0.0, help="adds l1_coef * sign(θ) to every gradient")
+                           help="Training environments, all combined at every step.")
+    group.add_argument("--n_revolutions", type=positive_int, default=3, help="Turns of each spiral.")
+    group.add_argument("--n_dims", type=positive_int, default=8, help="Dimensions of the signature shortcut.")
+    group.add_argument("--batch_size", type=positive_int, default=256, help="Examples per environment per step.")
+    group.add_argument("--epochs", type=positive_int, default=150, help="Training epochs.")
+    group.add_argument("--lr", type=positive_float, default=1e-2,
+                       help="Adam's learning rate, multiplied by 0.1 after 3/4 of the epochs.")
+    group.add_argument("--weight_decay", type=non_negative_float, default=1e-3, help="Adam's coupled L2 weight decay.")
+    group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0,
+                       help="1: BatchNorm after every hidden Linear layer; 0: none.")
+    group.add_argument("--dropout_p", type=probability, default=0.0,
+                       help="Dropout probability after every hidden layer, in [0, 1).")
+    group.add_argument("--n_hidden_units", type=positive_int, default=256, help="Units of every hidden layer.")
+    group.add_argument("--n_hidden_layers", type=positive_int, default=3, help="Hidden layers of the MLP.")
+    group.add_argument("--l1_coef", type=non_negative_float, default=0.0,
+                       help="Adds l1_coef·sign(θ) to every gradient, after combining.")
 
 
 def env_counts(args):
@@ -47,6 +51,9 @@ def check(args, parser):
     n_train, n_agree = env_counts(args)
     if n_train % n_agree:
         parser.error(f"--n_train_envs ({n_train}) must be a multiple of --n_agreement_envs ({n_agree})")
+    if args.seed + n_train - 1 > MAX_SEED:
+        parser.error(f"--seed {args.seed} is too large: environment e draws its data with seed + e, and "
+                     f"seed + {n_train - 1} exceeds numpy's largest seed {MAX_SEED}")
     if args.batch_size > args.examples_per_env:
         parser.error(f"--batch_size ({args.batch_size}) exceeds --examples_per_env ({args.examples_per_env})")
 

@@ -2,7 +2,9 @@
 
 Tests that check all entry points (flag validation, help defaults, README commands) take the list
 from here; `test_entry_points.py` fails when a module with a `__main__` block is missing from it.
+An entry with subcommands is listed once per subcommand, as "module subcommand".
 """
+import argparse
 import importlib
 
 ENTRY_POINTS = (
@@ -14,7 +16,7 @@ ENTRY_POINTS = (
     "gen_mask.run_colored_mnist",
     "gen_mask.run_cifar",
     "gen_mask.run_erm_irm",
-    "gen_mask.sweep",
+    "gen_mask.sweep run",
     "gen_mask.sweep.slurm_cluster",
     "vizualization.toy_landscape",
     "vizualization.plot_runs",
@@ -22,9 +24,13 @@ ENTRY_POINTS = (
 )
 
 
-def parser_of(module: str):
-    """The argparse parser of an entry module."""
-    return importlib.import_module(module).build_parser()
+def parser_of(entry: str):
+    """The argparse parser of an entry module, or of its subcommand: "module subcommand"."""
+    module, *subcommand = entry.split()
+    parser = importlib.import_module(module).build_parser()
+    for name in subcommand:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
 
 
 def required_argv(parser) -> list[str]:

@@ -183,7 +183,8 @@ random = {{ n = 2, lr = {{ log_uniform = [1e-3, 1e-1] }} }}
     (["--out", "X"], "holds no sweep"),
     (["SPEC", "--module", FAKE, "--out", "X"], "not both"),
     (["--seeds", "0", "--out", "X"], "give --module too"),
-    (["--module", FAKE, "--seeds", "0,-1", "--out", "X"], "non-negative integers"),
+    (["--module", FAKE, "--seeds", "0,-1", "--out", "X"], "seeds in [0, 2**32 - 1]"),
+    (["--launcher", "slurm", "--slurm_time", "1", "--out", "X"], "must exceed --slurm_signal_delay_s"),
     (["--module", FAKE, "--flag", "epochs", "--out", "X"], "expected NAME=VALUE"),
     (["--module", FAKE, "--random", "lr=normal:0:1", "--n_random", "2", "--out", "X"], "must be one of"),
 ])

@@ -1,6 +1,6 @@
-"""`python -m gen_mask.sweep COMMAND`: the sweep's subcommands (today `run`).
+"""Sweeps of any entry module of either package, run on this machine or on a SLURM cluster.
 
-A subcommand is an entry of COMMANDS: (help, add_flags(parser), main(args) -> exit status).
+`python -m gen_mask.sweep COMMAND`; a subcommand is an entry of COMMANDS: (help, add_flags(parser), main(args) -> exit status).
 
 `run` expands the sweep (a file, flags, or the sweep.json saved in --out), checks every run's
 flags with its module's parser, writes DIR/sweep.json, then starts what is left: runs never
@@ -16,7 +16,7 @@ import shlex
 import sys
 import tomllib
 
-from and_mask.core.cli import non_negative_int, positive_int
+from and_mask.core.cli import HelpFormatter, entry_parser, non_negative_int, positive_int, seed_int
 from and_mask.core.errors import RunError
 from gen_mask.sweep import local, slurm
 from gen_mask.sweep.folder import SweepFolder
@@ -37,8 +37,8 @@ def _no_flags(parser):
     pass
 
 
-LAUNCHERS = {"local": (local.add_flags, local.launch), "dry": (_no_flags, dry_launch),
-             "slurm": (slurm.add_flags, slurm.launch)}
+LAUNCHERS = {"local": (local.add_flags, local.launch), "slurm": (slurm.add_flags, slurm.launch),
+             "dry": (_no_flags, dry_launch)}
 
 
 def _value(text: str):
@@ -58,47 +58,52 @@ def _assignment(text: str) -> tuple[str, str]:
 
 def _seed_list(text: str) -> list[int]:
     try:
-        return [non_negative_int(s) for s in text.split(",")]
+        return [seed_int(s) for s in text.split(",")]
     except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds in [0, 2**32 - 1], got {text}")
 
 
 def add_run_flags(parser: argparse.ArgumentParser):
     parser.add_argument("sweep", nargs="?", default=None,
-                        help="The sweep file (TOML). None: the sweep given by --module and the flags below, or "
-                             "the one saved in --out.")
+                        help="The sweep file (TOML). Default: the sweep given by --module and the flags below, or "
+                             "else the one saved in --out.")
     parser.add_argument("--out", required=True, help="The sweep folder (sweep.json, runs/, logs/, slurm/).")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="Where the runs go: local processes, a SLURM job array, or printed commands (dry).")
     parser.add_argument("--retry_failed", action="store_true",
                         help="Also rerun failed runs (from their last checkpoint where the module resumes).")
-    parser.add_argument("--quiet", action="store_true", help="No progress bar.")
+    parser.add_argument("--quiet", action="store_true", help="Show no progress bar.")
     group = parser.add_argument_group("a sweep from flags (instead of a file)")
-    group.add_argument("--module", default=None, help="The entry module of every run, e.g. gen_mask.run_synthetic.")
-    group.add_argument("--name", default=None, help="The task's name. None: the module's name without run_.")
-    group.add_argument("--seeds", type=_seed_list, default=None, help="Comma-separated --seed values of the runs.")
-    group.add_argument("--flag", type=_assignment, action="append", default=[], metavar="NAME=VALUE",
-                       help="A flag of every run (true: a bare --NAME); repeat for several.")
-    group.add_argument("--grid", type=_assignment, action="append", default=[], metavar="NAME=V1,V2,...",
-                       help="A flag that takes every listed value; repeat for several (every combination).")
-    group.add_argument("--random", type=_assignment, action="append", default=[], metavar="NAME=KIND:A:B",
+    group.add_argument("--module", default=None,
+                       help="The entry module of every run, e.g. gen_mask.run_synthetic. Default: none, the sweep "
+                            "comes from the file or from --out.")
+    group.add_argument("--name", default=None, help="The task's name. Default: the module's name without run_.")
+    group.add_argument("--seeds", type=_seed_list, default=None,
+                       help="Comma-separated --seed values of the runs. Default: 0 alone.")
+    group.add_argument("--flag", type=_assignment, action="append", default=None, metavar="NAME=VALUE",
+                       help="A flag of every run (true: a bare --NAME); repeat for several. Default: none.")
+    group.add_argument("--grid", type=_assignment, action="append", default=None, metavar="NAME=V1,V2,...",
+                       help="A flag that takes every listed value; repeat for several (every combination). "
+                            "Default: none.")
+    group.add_argument("--random", type=_assignment, action="append", default=None, metavar="NAME=KIND:A:B",
                        help="A drawn flag: log_uniform:LOW:HIGH, uniform:LOW:HIGH, int_uniform:LOW:HIGH or "
-                            "choice:V1:V2:...; repeat for several.")
-    group.add_argument("--n_random", type=positive_int, default=None, help="Draws of the random search.")
-    group.add_argument("--random_seed", type=int, default=0, help="Seed of the random search's draws.")
+                            "choice:V1:V2:...; repeat for several. Default: none.")
+    group.add_argument("--n_random", type=positive_int, default=None,
+                       help="Draws of the random search. Default: none, which --random needs.")
+    group.add_argument("--random_seed", type=non_negative_int, default=0, help="Seed of the random search's draws.")
     for add_flags, _ in LAUNCHERS.values():
         add_flags(parser)
 
 
 def _spec_from_flags(args) -> dict:
     raw = {"module": args.module, "seeds": args.seeds if args.seeds is not None else [0],
-           "flags": {name: _value(value) for name, value in args.flag},
-           "grid": {name: [_value(v) for v in values.split(",")] for name, values in args.grid}}
+           "flags": {name: _value(value) for name, value in args.flag or []},
+           "grid": {name: [_value(v) for v in values.split(",")] for name, values in args.grid or []}}
     if args.name is not None:
         raw["name"] = args.name
     if args.random or args.n_random is not None:
         raw["random"] = {"n": args.n_random, "seed": args.random_seed}
-        for name, text in args.random:
+        for name, text in args.random or []:
             kind, *values = text.split(":")
             raw["random"][name] = {kind: [_value(v) for v in values]}
     return raw
@@ -106,7 +111,7 @@ def _spec_from_flags(args) -> dict:
 
 def _tasks(args, parser):
     spec_flags = [f"--{name}" for name in ("name", "seeds", "flag", "grid", "random", "n_random")
-                  if getattr(args, name) not in (None, [])]
+                  if getattr(args, name) is not None]
     if args.sweep is not None and (args.module is not None or spec_flags):
         parser.error(f"give a sweep file or --module with its flags, not both ({', '.join(spec_flags) or '--module'})")
     if args.module is None and spec_flags:
@@ -153,6 +158,9 @@ def _report(folder: SweepFolder) -> int:
 
 
 def run_main(args, parser) -> int:
+    if args.launcher == "slurm" and args.slurm_time * 60 <= args.slurm_signal_delay_s:
+        parser.error(f"--slurm_time ({args.slurm_time} min) must exceed --slurm_signal_delay_s "
+                     f"({args.slurm_signal_delay_s} s), when a job is told to stop")
     folder = SweepFolder(args.out)
     tasks = _tasks(args, parser)
     with folder.lock():
@@ -187,15 +195,16 @@ def run_main(args, parser) -> int:
         return _report(folder)
 
 
-COMMANDS = {"run": ("Expand a sweep and launch its runs that are not finished.", add_run_flags, run_main)}
+COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_flags, run_main)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gen_mask.sweep",
-                                     description="Sweeps of any entry module, run here or on a SLURM cluster.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = entry_parser("gen_mask.sweep", __doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="What to do.")
     for name, (help_text, add_flags, command_main) in COMMANDS.items():
-        command = commands.add_parser(name, help=help_text, description=help_text)
+        command = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                                      add_help=False)
+        command.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
         add_flags(command)
         command.set_defaults(main=functools.partial(command_main, parser=command))
     return parser

@@ -23,7 +23,7 @@ def add_flags(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("local launcher")
     group.add_argument("--workers", type=positive_int, default=1, help="Runs at a time on this machine.")
     group.add_argument("--threads_per_run", type=positive_int, default=None,
-                       help="Threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS, torch). None: the machine's "
+                       help="Threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS, torch). Default: the machine's "
                             "cores divided by --workers (local), --slurm_cpus_per_task (slurm).")
 
 

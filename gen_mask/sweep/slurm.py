@@ -42,18 +42,19 @@ def mem(text):
 
 def add_flags(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("slurm launcher (needs submitit: pip install -e .[cluster])")
-    group.add_argument("--slurm_partition", default=None, help="Partition of the jobs. None: the cluster's default.")
+    group.add_argument("--slurm_partition", default=None, help="Partition of the jobs. Default: the cluster's default partition.")
     group.add_argument("--slurm_time", type=positive_int, default=60,
                        help="Time limit of each job, in minutes; a run that needs longer is requeued and resumed.")
     group.add_argument("--slurm_cpus_per_task", type=positive_int, default=1, help="CPUs of each task.")
     group.add_argument("--slurm_gpus_per_task", type=positive_int, default=None,
-                       help="GPUs of each task. None: no GPU.")
+                       help="GPUs of each task. Default: none.")
     group.add_argument("--slurm_mem", type=mem, default=None,
-                       help="Memory of each job in SLURM's form (4000M, 8G). None: the partition's default.")
+                       help="Memory of each job in SLURM's form (4000M, 8G). Default: the partition's default.")
     group.add_argument("--slurm_array_parallelism", type=positive_int, default=256,
                        help="Jobs of the array that run at the same time, at most.")
-    group.add_argument("--slurm_setup", action="append", default=[], metavar="LINE",
-                       help="A shell line run before each job (e.g. 'module load cuda'); repeat for several.")
+    group.add_argument("--slurm_setup", action="append", default=None, metavar="LINE",
+                       help="A shell line run before each job (e.g. 'module load cuda'); repeat for several. "
+                            "Default: none.")
     group.add_argument("--slurm_nodes", type=positive_int, default=1, help="Nodes of each job.")
     group.add_argument("--slurm_tasks_per_node", type=positive_int, default=1,
                        help="Tasks (processes) per node of each job, each running the command with the "
@@ -122,7 +123,7 @@ def _submit(jobs, args, folder: SweepFolder) -> dict[str, str]:
     params = dict(job_name=f"sweep-{folder.path.resolve().name}", time=args.slurm_time,
                   cpus_per_task=args.slurm_cpus_per_task, nodes=args.slurm_nodes,
                   ntasks_per_node=args.slurm_tasks_per_node, array_parallelism=args.slurm_array_parallelism,
-                  signal_delay_s=args.slurm_signal_delay_s, stderr_to_stdout=True, setup=list(args.slurm_setup))
+                  signal_delay_s=args.slurm_signal_delay_s, stderr_to_stdout=True, setup=args.slurm_setup or [])
     optional = dict(partition=args.slurm_partition, gpus_per_task=args.slurm_gpus_per_task, mem=args.slurm_mem)
     executor.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
     try:

@@ -1,7 +1,8 @@
-"""python -m gen_mask.sweep.slurm_cluster start|stop DIR: a one-node SLURM cluster on this machine.
+"""A one-node SLURM cluster on this machine, for trying `--launcher slurm` of gen_mask.sweep.
 
-For trying `--launcher slurm` on a laptop or in CI (Debian/Ubuntu: `apt-get install slurm-wlm
-munge`; run as root). `start` writes everything into DIR (a munge key and socket, slurm.conf,
+    python -m gen_mask.sweep.slurm_cluster start|stop DIR
+
+On a laptop or in CI (Debian/Ubuntu: `apt-get install slurm-wlm munge`; run as root). `start` writes everything into DIR (a munge key and socket, slurm.conf,
 state and spool folders, logs), starts munged, slurmctld and slurmd on free localhost ports,
 waits until the node is idle and prints the line that points SLURM's commands at it:
 
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from and_mask.core.cli import entry_parser
 from and_mask.core.errors import RunError
 
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stopped in this order
@@ -150,9 +152,8 @@ def stop(folder):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gen_mask.sweep.slurm_cluster",
-                                     description="Start or stop a one-node SLURM cluster on this machine.")
-    parser.add_argument("action", choices=["start", "stop"], help="Start the cluster, or stop the one started.")
+    parser = entry_parser("gen_mask.sweep.slurm_cluster", __doc__)
+    parser.add_argument("action", choices=["start", "stop"], help="Start a cluster, or stop the one started in the folder.")
     parser.add_argument("folder", type=Path, help="The cluster's folder (configuration, state, logs).")
     return parser
 

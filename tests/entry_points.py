@@ -2,7 +2,7 @@
 
 Tests that check all entry points (flag validation, help defaults, README commands) take the list
 from here; `test_entry_points.py` fails when a module with a `__main__` block is missing from it.
-An entry with subcommands is listed once per subcommand, as "module subcommand".
+An entry with subcommands is listed itself and once per subcommand, as "module subcommand".
 """
 import argparse
 import importlib
@@ -16,6 +16,7 @@ ENTRY_POINTS = (
     "gen_mask.run_colored_mnist",
     "gen_mask.run_cifar",
     "gen_mask.run_erm_irm",
+    "gen_mask.sweep",
     "gen_mask.sweep run",
     "gen_mask.sweep.slurm_cluster",
     "vizualization.toy_landscape",
@@ -37,7 +38,10 @@ def required_argv(parser) -> list[str]:
     """A command line giving every required flag and positional a valid value (the first choice, else 1)."""
     argv = []
     for action in parser._actions:
-        if action.required:
+        if isinstance(action, argparse._SubParsersAction):  # the first subcommand, with its own required flags
+            name, subparser = next(iter(action.choices.items()))
+            argv += [name, *required_argv(subparser)]
+        elif action.required:
             value = str(action.choices[0] if action.choices else 1)
             argv += [action.option_strings[0], value] if action.option_strings else [value]
     return argv

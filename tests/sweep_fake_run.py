@@ -45,6 +45,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "ranks.jsonl", "a") as f:  # the torch.distributed variables a launcher exported
+        f.write(json.dumps({k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}) + "\n")
+    if os.environ.get("RANK", "0") != "0":  # as in a distributed run, rank 0 alone writes the folder
+        return
     lock = open(out / "run.lock", "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

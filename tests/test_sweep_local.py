@@ -42,7 +42,10 @@ def sweep(*argv):
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The complete lines of a run's metrics.jsonl (it may be read while a line is being written)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def states(out):
@@ -204,8 +207,7 @@ def test_ctrl_c_stops_every_child_and_the_relaunch_completes_them(tmp_path):
     runs = out / "runs"
     deadline = time.time() + 120
     while time.time() < deadline:
-        started = [d for d in runs.iterdir() if (d / "metrics.jsonl").exists() and metrics(d)] \
-            if runs.exists() else []
+        started = [d for d in runs.iterdir() if metrics(d)] if runs.exists() else []
         if len(started) == 2:
             break
         time.sleep(0.05)

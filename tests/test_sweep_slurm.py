@@ -60,9 +60,14 @@ def until(condition, what, timeout_s=TIMEOUT_S, every_s=0.05):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def complete_lines(path) -> list[str]:
+    """The lines of a file that may be read while a line is being written."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def epochs_logged(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [json.loads(line) for line in complete_lines(Path(run_dir) / "metrics.jsonl")]
     return [r for r in records if r.get("phase") == "epoch"]
 
 
@@ -92,8 +97,7 @@ def test_slurm_sweep_survives_cancel_and_requeue_and_matches_local(cluster, tmp_
                "slurm", "--slurm_poll_s", "0.5", "--quiet"]
     launcher = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     submissions = remote / "slurm" / "submissions.jsonl"
-    until(submissions.exists, "the submission")
-    jobs = json.loads(submissions.read_text().splitlines()[0])["jobs"]
+    jobs = json.loads(until(lambda: complete_lines(submissions), "the submission")[0])["jobs"]
     (cancelled, cancelled_job), (requeued, requeued_job) = jobs.items()
     folder = SweepFolder(remote)
     until(lambda: all(epochs_logged(folder.run_dir(r)) for r in jobs), "both runs to train")
@@ -114,3 +118,16 @@ def test_slurm_sweep_survives_cancel_and_requeue_and_matches_local(cluster, tmp_
     for run_id in jobs:
         assert [r["epoch"] for r in epochs_logged(folder.run_dir(run_id))] == list(range(1, EPOCHS + 1))
         assert comparable(folder.run_dir(run_id)) == comparable(local / "runs" / run_id)
+
+
+def test_several_tasks_per_job_get_the_torch_distributed_environment(cluster, tmp_path, monkeypatch):
+    for name, value in dict(cluster, PYTHONPATH=str(ROOT)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "sweep"
+    assert main(["run", "--module", "tests.sweep_fake_run", "--seeds", "0", "--out", str(out), "--launcher", "slurm",
+                 "--slurm_tasks_per_node", "2", "--slurm_poll_s", "0.5", "--quiet"]) == 0
+    (run_id, state), = SweepFolder(out).states().items()
+    ranks = [json.loads(line) for line in (out / "runs" / run_id / "ranks.jsonl").read_text().splitlines()]
+    assert sorted(r["RANK"] for r in ranks) == ["0", "1"] and {r["WORLD_SIZE"] for r in ranks} == {"2"}
+    assert state.status == "finished"

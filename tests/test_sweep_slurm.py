@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gen_mask.sweep import main, slurm_cluster
+from gen_mask.sweep import main, slurm, slurm_cluster
 from gen_mask.sweep.folder import SweepFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,3 +131,21 @@ def test_several_tasks_per_job_get_the_torch_distributed_environment(cluster, tm
     ranks = [json.loads(line) for line in (out / "runs" / run_id / "ranks.jsonl").read_text().splitlines()]
     assert sorted(r["RANK"] for r in ranks) == ["0", "1"] and {r["WORLD_SIZE"] for r in ranks} == {"2"}
     assert state.status == "finished"
+
+
+def test_detached_launch_then_a_relaunch_leaves_queued_runs_alone(cluster, tmp_path, monkeypatch, capsys):
+    for name, value in dict(cluster, PYTHONPATH=str(ROOT)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "sweep"
+    argv = ["run", "--module", "tests.sweep_fake_run", "--seeds", "0,1", "--flag", "sleep=0.3", "--flag", "epochs=5",
+            "--out", str(out), "--quiet"]
+    assert main(argv + ["--launcher", "slurm", "--slurm_detach"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--launcher", "dry"]) == 0
+    relaunch = capsys.readouterr()
+    assert relaunch.out == "" and "launching 0 new and 0 resumed" in relaunch.err, relaunch.err
+    folder = SweepFolder(out)
+    until(lambda: {s.status for s in folder.states().values()} == {"finished"}, "the detached jobs", every_s=0.2)
+    until(lambda: not slurm.queued_runs(folder, set(folder.states())), "the jobs to leave the queue", every_s=0.2)
+    assert main(argv) == 0 and "2 finished; launching 0 new" in capsys.readouterr().err

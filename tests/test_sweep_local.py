@@ -259,3 +259,10 @@ grid = { methods = ["erm"] }
     assert {"config.json", "metrics.jsonl", "checkpoint.pt", "status.json"} <= {p.name for p in spirals.iterdir()}
     assert [json.loads(line)["trial"] for line in (sem / "results.jsonl").read_text().splitlines()] == [0, 1]
     assert set(states(out).values()) == {"finished"}
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "gen_mask" / "sweep" / "examples").glob("*.toml")),
+                         ids=lambda path: path.name)
+def test_example_sweeps_pass_their_modules_flag_checks(example, tmp_path, capsys):
+    assert sweep(example, "--out", tmp_path / "sweep", "--launcher", "dry") == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(expand(load_spec(example))) > 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sys
 import tomllib
@@ -28,8 +29,11 @@ SHOWN_FAILURES = 10  # failed runs listed after a launch
 
 def dry_launch(jobs, args) -> list[None]:
     """`--launcher dry`: print the commands, one a line, for any other scheduler; nothing runs."""
-    for job in jobs:
-        print(shlex.join(job.command))
+    try:
+        for job in jobs:
+            print(shlex.join(job.command), flush=True)
+    except BrokenPipeError:  # the reader stopped early (`| head`): stop printing, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return [None] * len(jobs)
 
 

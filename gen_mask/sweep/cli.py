@@ -1,6 +1,7 @@
 """Sweeps of any entry module of either package, run on this machine or on a SLURM cluster.
 
-`python -m gen_mask.sweep COMMAND`; a subcommand is an entry of COMMANDS: (help, add_flags(parser), main(args) -> exit status).
+`python -m gen_mask.sweep COMMAND`; a subcommand is an entry of COMMANDS: (help text,
+add_flags(parser), main(args, parser) -> exit status).
 
 `run` expands the sweep (a file, flags, or the sweep.json saved in --out), checks every run's
 flags with its module's parser, writes DIR/sweep.json, then starts what is left: runs never
@@ -193,7 +194,7 @@ def run_main(args, parser) -> int:
             try:
                 LAUNCHERS[args.launcher][1](jobs, args)
             except KeyboardInterrupt:
-                raise RunError(f"interrupted; the runs stopped are continued by the same command (--out {args.out})")
+                sys.exit(f"interrupted; the same command continues the stopped runs (--out {args.out})")
         if args.launcher == "slurm" and args.slurm_detach:
             return 0
         return _report(folder)

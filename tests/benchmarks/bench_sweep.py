@@ -7,7 +7,7 @@ run one after another without the launcher; the difference, divided by the numbe
 the launcher's cost per run. Relaunching a finished sweep (every run skipped) measures the
 launcher's fixed cost: start, reading the sweep, checking every run's flags.
 
-    python tests/benchmarks/bench_sweep.py [--runs 8] [--epochs 30] [--repeats 1]
+    python tests/benchmarks/bench_sweep.py [--runs 8] [--epochs 20] [--repeats 1]
 """
 import argparse
 import os
@@ -39,7 +39,7 @@ def sweep(spec: Path, out: Path, *flags) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=8, help="runs in the sweep")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of each synthetic run (default size)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of each synthetic run (default size)")
     parser.add_argument("--repeats", type=int, default=1, help="launches of each setting; the median is reported")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and data set, to check the script")
     args = parser.parse_args()

@@ -100,7 +100,8 @@ def test_slurm_sweep_survives_cancel_and_requeue_and_matches_local(cluster, tmp_
     jobs = json.loads(until(lambda: complete_lines(submissions), "the submission")[0])["jobs"]
     (cancelled, cancelled_job), (requeued, requeued_job) = jobs.items()
     folder = SweepFolder(remote)
-    until(lambda: all(epochs_logged(folder.run_dir(r)) for r in jobs), "both runs to train")
+    # Two epochs logged: the first epoch's checkpoint is written, so --resume has one to continue from.
+    until(lambda: all(len(epochs_logged(folder.run_dir(r))) >= 2 for r in jobs), "both runs to train")
     assert all(len(epochs_logged(folder.run_dir(r))) < EPOCHS for r in jobs), "the runs ended before the signals"
     subprocess.run(["scancel", cancelled_job], env=env, check=True)
     subprocess.run(["scancel", "--signal=USR2", requeued_job], env=env, check=True)

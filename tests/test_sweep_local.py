@@ -119,13 +119,13 @@ def test_killed_run_is_continued_with_resume(tmp_path):
         assert [m["epoch"] for m in first] == [1, 2, 3] and first[0]["pid"] != first[1]["pid"]
 
 
-def test_run_without_status_and_without_process_is_interrupted(tmp_path):
+def test_run_without_status_and_without_process_is_unfinished(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_state(run_dir).status == "pending"
+    assert run_state(run_dir).status == "empty"
     run_dir.mkdir()
-    assert run_state(run_dir).status == "pending"
+    assert run_state(run_dir).status == "empty"
     (run_dir / "config.json").write_text("{}")
-    assert run_state(run_dir).status == "interrupted"
+    assert run_state(run_dir).status == "unfinished"
 
 
 def test_second_launch_on_the_same_folder_is_refused(tmp_path, capsys):
@@ -220,7 +220,7 @@ def test_ctrl_c_stops_every_child_and_the_relaunch_completes_them(tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     found = states(out)
-    assert sorted(found.values()) == ["interrupted", "interrupted", "pending"]
+    assert sorted(found.values()) == ["empty", "interrupted", "interrupted"]
     assert all(len(metrics(d)) < 8 for d in started)
     assert sweep("--out", out, "--workers", "2") == 0
     for run_id in found:

@@ -142,7 +142,7 @@ def _plan(runs, found, folder: SweepFolder, args) -> tuple[list[Job], dict]:
         interface = found[run.module]
         jobs.append(Job(run_id=run.id, module=run.module, args=tuple(run.args), output_flag=interface.output_flag,
                         resume_flag=interface.resume_flag, run_dir=folder.run_dir(run.id).resolve(),
-                        log=folder.log_path(run.id).resolve(), resume=status != "pending"))
+                        log=folder.log_path(run.id).resolve(), resume=status != "empty"))
     return jobs, counts
 
 

@@ -20,8 +20,8 @@ A run's status is read from its folder alone, never from a scheduler (`run_state
     finished | failed | interrupted
                  status.json says so (written last by the run, or by the launcher for a run that
                  died by a signal or does not write it); failed runs carry the last line of their error
-    interrupted  also: the folder has files but no status.json and no process (killed hard)
-    pending      the run folder does not exist or is empty (never started)
+    unfinished   the folder has files but no status.json and no process holds it (killed hard)
+    empty        the run folder does not exist or holds nothing (never started)
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def now() -> str:
 
 @dataclass
 class RunState:
-    status: str  # running, finished, failed, interrupted or pending
+    status: str  # running, finished, failed, interrupted, unfinished or empty
     exit_code: int | None = None
     error: str | None = None  # the last line of a failed run's error
     time: str | None = None  # when status.json was written
@@ -166,5 +166,5 @@ def run_state(run_dir) -> RunState:
     if status is not None:
         return RunState(status["status"], status.get("exit_code"), status.get("error"), status.get("time"))
     if run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir()):
-        return RunState("interrupted")
-    return RunState("pending")
+        return RunState("unfinished")
+    return RunState("empty")

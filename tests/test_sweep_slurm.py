@@ -36,6 +36,7 @@ quiet = true
 method = ["and_mask", "geom_mean"]
 """
 TIMEOUT_S = 600  # the whole story on a slow, shared 2-core machine
+REVOKE_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +106,11 @@ def test_slurm_sweep_survives_cancel_and_requeue_and_matches_local(cluster, tmp_
     assert all(len(epochs_logged(folder.run_dir(r))) < EPOCHS for r in jobs), "the runs ended before the signals"
     subprocess.run(["scancel", cancelled_job], env=env, check=True)
     subprocess.run(["scancel", "--signal=USR2", requeued_job], env=env, check=True)
-    # SLURM holds a requeued job for two minutes before it may start again; let it start now.
+    # SLURM holds a requeued job for two minutes before it may start again; let it start sooner, but
+    # not within REVOKE_S of the requeue: slurmd refuses a job whose credential (stamped to the
+    # second) is not younger than the kill of its previous run.
     until(lambda: squeue(cluster, requeued_job).startswith("PD"), "the requeue", every_s=0.2)
+    time.sleep(REVOKE_S)
     subprocess.run(["scontrol", "update", f"JobId={requeued_job}", "StartTime=now"], env=env, check=True)
     _, err = launcher.communicate(timeout=TIMEOUT_S)
     assert launcher.returncode == 1, err  # the cancelled run is left interrupted

@@ -12,6 +12,9 @@ parameters as (E, P). Each returns (combined gradient, diagnostics dict); a "mas
 of the gen_mask run modules, and the test suite checks every registered rule. Declare
 `keeps_consensus=False` when identical environments do not give back their common gradient.
 Rules are vectorised torch (CPU or CUDA); the exact small solvers live in `gen_mask.solvers`.
+A whole-model rule declared `needs_hvp=True` also receives `hvp`, the environments'
+Hessian-vector products (see `and_mask.core.combiners`); lookahead alignment, in
+`gen_mask.lookahead`, is one.
 """
 from __future__ import annotations
 
@@ -22,13 +25,15 @@ import torch
 from and_mask import and_mask_utils
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, apply_combiner
 from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
-from gen_mask import solvers
+from and_mask.core.per_env_hvp import env_hvp
+from gen_mask import lookahead, solvers
 
 __all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "get_grads", "get_grads_from_model"]
 
 COMBINERS = CombinerRegistry()
 COMBINERS.add(and_mask_utils.AND_MASK)  # AND-mask and geometric mean: one implementation, in and_mask
 COMBINERS.add(and_mask_utils.GEOM_MEAN)
+COMBINERS.add(lookahead.LOOKAHEAD)  # its own module: the math is longer than one rule's
 
 
 @COMBINERS.register("mean", reduces_to_mean=lambda: True)
@@ -206,9 +211,9 @@ def _resolve_hparams(combiner, hyperparameters):
     return hparams
 
 
-def _combine_into_params(params, grads, method, hyperparameters):
+def _combine_into_params(params, grads, method, hyperparameters, hvp=None):
     combiner = COMBINERS[method]
-    combined, diagnostics = apply_combiner(combiner, grads, _resolve_hparams(combiner, hyperparameters))
+    combined, diagnostics = apply_combiner(combiner, grads, _resolve_hparams(combiner, hyperparameters), hvp)
     for param, grad in zip(params, combined):
         param.grad = grad
     return diagnostics
@@ -220,11 +225,15 @@ def get_grads(batch_size, n_envs, loss_fn, params, output, target, method="mean"
     `output`/`target` hold n_envs × batch_size examples stacked env after env, from one forward
     pass. Returns (mean_loss, diagnostics): the mean of the environments' mean losses and one
     diagnostics dict per parameter tensor. Hyper-parameters left out take the combiner's
-    defaults; an unknown method or hyper-parameter fails with the valid names.
+    defaults; an unknown method or hyper-parameter fails with the valid names. A method that
+    needs Hessian-vector products needs the model: use `get_grads_from_model`.
     """
     if output.shape[0] != n_envs * batch_size:
         raise ValueError(f"output has {output.shape[0]} rows, expected n_envs * batch_size = {n_envs * batch_size}")
     combiner = COMBINERS[method]  # fails early, listing the valid names
+    if combiner.needs_hvp:
+        raise ValueError(f"{method} needs the environments' Hessian-vector products, which a finished forward pass "
+                         "cannot give: use get_grads_from_model")
     params = list(params)
     env_losses = env_losses_from_output(output, target, loss_fn, n_envs)
     grads = grads_from_output(env_losses, params, engine=engine)
@@ -233,12 +242,13 @@ def get_grads(batch_size, n_envs, loss_fn, params, output, target, method="mean"
 
 def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", engine="auto", chunk_size=None,
                          **hyperparameters):
-    """Same as `get_grads` but starting from the model, so the fast engines can be used."""
+    """Same as `get_grads` but starting from the model, so the fast engines (and Hessian-vector products) can be used."""
     combiner = COMBINERS[method]
     result = per_env_grads(model, inputs, target, loss_fn, n_envs, engine=engine, chunk_size=chunk_size,
                            accepts_outer=True)
+    hvp = env_hvp(model, inputs, target, loss_fn, n_envs, engine, chunk_size) if combiner.needs_hvp else None
     params = [p for p in model.parameters() if p.requires_grad]
-    return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters)
+    return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters, hvp)
 
 
 METHOD_FLAGS = MethodFlags(COMBINERS, required=False)

@@ -19,7 +19,7 @@ from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
 from gen_mask.erm_irm.report import write_report
 from gen_mask.erm_irm.sweep import DATASETS, Sweep, run_sweep
 
-# Defaults per kind of data set, as in SPEC section 8 (steps: optimiser steps of every method).
+# Defaults per kind of data set, following Ahuja et al. (steps: optimiser steps of every method).
 DEFAULTS = {
     "sem": dict(n_train=[50, 200, 500, 1000, 1500, 2000],  # examples per environment
                 trials=25, steps=2000, lr=1e-2,  # full batch, linear model

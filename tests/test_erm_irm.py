@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.errors import RunError
 from gen_mask.erm_irm import colored, sem
-from gen_mask.erm_irm.fit import FitConfig, combine_stacked, fit
+from gen_mask.erm_irm.fit import BASELINES, FitConfig, combine_stacked, fit, valid_methods
 from gen_mask.erm_irm.irm import irm_objective, irmv1_penalty, penalty_weight
 from gen_mask.gen_mask_utils import COMBINERS
 from tests.mnist_files import write_mnist_files
@@ -175,7 +175,12 @@ def test_mean_combiner_equals_erm():
     assert torch.allclose(fit(problem, "mean", config).error, fit(problem, "erm", config).error, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(COMBINERS))
+def test_every_combiner_without_hessian_vector_products_is_a_method():
+    assert set(valid_methods()) == set(BASELINES) | {n for n, c in COMBINERS.items() if not c.needs_hvp}
+    assert "lookahead" in COMBINERS and "lookahead" not in valid_methods()
+
+
+@pytest.mark.parametrize("name", [m for m in valid_methods() if m not in BASELINES])
 def test_combine_stacked_equals_one_call_per_model(name):
     combiner = COMBINERS[name]
     g = torch.Generator().manual_seed(0)

@@ -72,6 +72,7 @@ def test_tiny_colored_sweep_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "erm,not_a_rule"], "valid: erm, irm,"),
+    (["--methods", "erm,lookahead"], "lookahead need(s) per-environment Hessian-vector products"),
     (["--steps", "100"], "must exceed --anneal_steps"),
     (["--n_train", "0,50"], "positive integers"),
     (["--val_fraction", "1"], "must lie in"),

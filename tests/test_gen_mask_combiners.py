@@ -13,6 +13,7 @@ import torch
 from scipy.optimize import linprog, minimize
 
 from and_mask.core.combiners import apply_combiner
+from and_mask.core.per_env_hvp import hvp_from_hessians
 from gen_mask import solvers
 from gen_mask.gen_mask_utils import COMBINERS
 
@@ -24,11 +25,26 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = [(3, 4), (5,), (1,), (2, 3, 2)]
 
 
-def combine(name, grads, device="cpu", **hparams):
-    """Combine a list of (E, *shape) tensors with the registered rule `name` (defaults + hparams)."""
+def random_hessians(n_envs, n_params, dtype=torch.float64, seed=0):
+    """(E, P, P) symmetric matrices of spectral scale ~1: each environment's own curvature."""
+    a = torch.randn(n_envs, n_params, n_params, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return (a + a.transpose(1, 2)) / (2 * n_params ** 0.5)
+
+
+def combine(name, grads, device="cpu", hessians=None, **hparams):
+    """Combine a list of (E, *shape) tensors with the registered rule `name` (defaults + hparams).
+
+    A rule that needs Hessian-vector products gets them from `hessians` (E, P, P), by default
+    random symmetric ones."""
     combiner = COMBINERS[name]
     hp = {**combiner.defaults(), **hparams}
-    return apply_combiner(combiner, [g.to(device) for g in grads], hp)
+    hvp = None
+    if combiner.needs_hvp:
+        n_envs, n_params = grads[0].shape[0], sum(g[0].numel() for g in grads)
+        if hessians is None:
+            hessians = random_hessians(n_envs, n_params, grads[0].dtype)
+        hvp = hvp_from_hessians(hessians.to(device))
+    return apply_combiner(combiner, [g.to(device) for g in grads], hp, hvp)
 
 
 def nonzero_gradients(n_envs, generator, dtype=torch.float32):
@@ -347,6 +363,14 @@ def test_unknown_combiner_fails_with_the_valid_names():
         COMBINERS["no_such_rule"]
     for name in NAMES:
         assert name in str(error.value)
+
+
+def test_a_rule_that_needs_hessian_vector_products_must_be_whole_model_and_gets_them():
+    with pytest.raises(ValueError, match="only a model-scope combiner"):
+        COMBINERS.register("per_tensor_hvp", needs_hvp=True)(lambda grads, hvp: (grads.mean(0), {}))
+    assert "per_tensor_hvp" not in COMBINERS
+    with pytest.raises(ValueError, match="needs the environments' Hessian-vector products: pass hvp"):
+        apply_combiner(COMBINERS["lookahead"], [torch.ones(2, 3)], COMBINERS["lookahead"].defaults())
 
 
 def test_a_name_cannot_be_registered_twice():

@@ -1,5 +1,5 @@
 """gen_mask entry points: get_grads / get_grads_from_model, the run_synthetic command line (flags
-built from the registry, short end-to-end runs, clear errors) and the README's own-combiner example."""
+built from the registry, short end-to-end runs, clear errors) and gen_mask/README.md's own-combiner example."""
 import importlib
 import importlib.util
 import json
@@ -32,13 +32,27 @@ def tiny_problem(seed=0):
     return model, inputs, target
 
 
+def loop_reference(name, model, inputs, target, n_envs):
+    """Gradients combined by `name` with the loop engine: from the forward pass's output, or, for a
+    rule that needs Hessian-vector products (which an output cannot give), from the model."""
+    params = list(model.parameters())
+    if COMBINERS[name].needs_hvp:
+        with pytest.raises(ValueError, match="use get_grads_from_model"):
+            get_grads(inputs.shape[0] // n_envs, n_envs, F.binary_cross_entropy_with_logits, params, model(inputs),
+                      target, method=name)
+        torch.manual_seed(1)
+        return get_grads_from_model(model, inputs, target, F.binary_cross_entropy_with_logits, n_envs, method=name,
+                                    engine="loop")
+    torch.manual_seed(1)  # pcgrad draws its projection order
+    return get_grads(inputs.shape[0] // n_envs, n_envs, F.binary_cross_entropy_with_logits, params, model(inputs),
+                     target, method=name, engine="loop")
+
+
 @pytest.mark.parametrize("name", sorted(COMBINERS))
 def test_get_grads_and_the_model_entry_point_agree(name):
     model, inputs, target = tiny_problem()
     params = list(model.parameters())
-    torch.manual_seed(1)  # pcgrad draws its projection order
-    loss, diagnostics = get_grads(BATCH, N_ENVS, F.binary_cross_entropy_with_logits, params, model(inputs), target,
-                                  method=name, engine="loop")
+    loss, diagnostics = loop_reference(name, model, inputs, target, N_ENVS)
     from_output = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -56,9 +70,7 @@ def test_per_example_environments_through_the_outer_engine_agree_with_the_loop(n
     model, inputs, target = tiny_problem()
     params = list(model.parameters())
     n_examples = N_ENVS * BATCH
-    torch.manual_seed(1)
-    get_grads(1, n_examples, F.binary_cross_entropy_with_logits, params, model(inputs), target, method=name,
-              engine="loop")
+    loop_reference(name, model, inputs, target, n_examples)
     reference = [p.grad.clone() for p in params]
     torch.manual_seed(1)
     get_grads_from_model(model, inputs, target, F.binary_cross_entropy_with_logits, n_examples, method=name,
@@ -137,13 +149,13 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
 
 
 def readme_example() -> tuple[str, list]:
-    """The README's own-combiner example: (the code of my_rule.py, the flags of its printed command)."""
-    readme = (ROOT / "README.md").read_text()
+    """gen_mask/README.md's own-combiner example: (the code of my_rule.py, the flags of its printed command)."""
+    readme = (ROOT / "gen_mask" / "README.md").read_text()
     section = readme.split("<!-- section: gen-mask -->")[1].split("<!-- end section: gen-mask -->")[0]
     blocks = re.findall(r"```python\n(# my_rule\.py.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "the README's gen-mask section must hold one ```python block starting '# my_rule.py'"
+    assert len(blocks) == 1, "gen_mask/README.md's gen-mask section must hold one ```python block starting '# my_rule.py'"
     command = re.search(r"python3? my_rule\.py ([^\n`]*)", section)
-    assert command, "the README must show the command that runs my_rule.py"
+    assert command, "gen_mask/README.md must show the command that runs my_rule.py"
     return blocks[0], command.group(1).split()
 
 

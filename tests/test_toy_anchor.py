@@ -1,5 +1,5 @@
 """The linear-regression anchor of the paper's notebook: averaging finds the patchwork
-solution, AND-mask and the geometric mean the invariant one (SPEC section 1)."""
+solution, AND-mask and the geometric mean the invariant one."""
 import pytest
 import torch
 

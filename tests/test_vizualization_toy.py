@@ -6,6 +6,7 @@ import torch
 from scipy.optimize import minimize
 
 from and_mask.core.combiners import apply_combiner
+from and_mask.core.per_env_hvp import hvp_from_hessians
 from gen_mask.gen_mask_utils import COMBINERS
 from vizualization import toy_landscape
 from vizualization.dynamics import KINDS, basin_map, classify, descend, find_minima
@@ -43,11 +44,13 @@ def test_every_method_gives_a_finite_field(name):
 def test_registry_field_is_the_training_combiner_point_by_point(name):
     combiner, landscape, points = COMBINERS[name], LANDSCAPES["ilc_paper"], _points(8, seed=1)
     grads = env_grads(landscape, points)
+    # a rule that needs Hessian-vector products gets them from the exact Hessians
+    hvps = [hvp_from_hessians(h) if combiner.needs_hvp else None for h in env_hessians(landscape, points)]
     torch.manual_seed(0)  # randomised combiners draw differently under vmap: compare the deterministic ones
     field = direction(combiner, combiner.defaults(), landscape, points, lr=0.02)
-    expected = torch.stack([apply_combiner(combiner, [g], combiner.defaults())[0][0] for g in grads])
+    expected = torch.stack([apply_combiner(combiner, [g], combiner.defaults(), h)[0][0] for g, h in zip(grads, hvps)])
     if not torch.allclose(field, expected, rtol=1e-6, atol=1e-9):
-        again = torch.stack([apply_combiner(combiner, [g], combiner.defaults())[0][0] for g in grads])
+        again = torch.stack([apply_combiner(combiner, [g], combiner.defaults(), h)[0][0] for g, h in zip(grads, hvps)])
         assert not torch.allclose(again, expected), f"{name} is deterministic but its field differs"
 
 
@@ -56,7 +59,7 @@ def test_reptile_and_lookahead_reduce_to_the_average_gradient():
     mean = env_grads(landscape, points).mean(1)
     reptile = direction(TOY_METHODS["reptile"], {"reptile_steps": 1}, landscape, points, lr=0.02)
     lookahead = direction(TOY_METHODS["lookahead"], {**TOY_METHODS["lookahead"].defaults(), "lookahead_steps": 0},
-                          landscape, points, lr=0.02)
+                          landscape, points, lr=0.02)  # no step on the weights: the average
     torch.testing.assert_close(reptile, mean)
     torch.testing.assert_close(lookahead, mean)
 

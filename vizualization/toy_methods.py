@@ -3,21 +3,17 @@
 At a point θ the environments' gradients g_e = ∇Z_e(θ) (plus optional gradient noise σ·ξ_e,
 ξ_e ~ N(0, I), drawn independently per environment) are stacked as an (E, 2) tensor and
 combined exactly as in training: `apply_combiner(COMBINERS[name], [g], hparams)`, θ being one
-parameter tensor of shape (2,). Two toy-only rules need more than the gradients at θ:
+parameter tensor of shape (2,). A combiner that needs Hessian-vector products (lookahead
+alignment, `gen_mask.lookahead`) gets them from the exact Hessians ∇²Z_e(θ), the noise-free
+ones: hvp(v) = (H_e v)_e. It is the very function that training runs.
+
+One toy-only rule needs more than the gradients at θ:
 
 - reptile:   from θ, k gradient steps of size η on each environment alone,
              φ_e ← φ_e − η ∇Z_e(φ_e); direction d = mean_e (θ − φ_e) / (k η). With k = 1 this is
              the average gradient.
-- lookahead: before stepping along u = Σ_e a_e g_e, tune the weights a on the simplex,
-             a = softmax(s) with s = 0 (the average) at first, by a few gradient steps on s of
-                 J(a) = ‖u‖ / mean_e ‖g_e‖ − λ · mean_{e<f} cos(g'_e, g'_f),
-             where g'_e = g_e − η H_e u is environment e's gradient after the step, to first
-             order (H_e its Hessian): the smallest convex combination (as in MGDA) after which
-             the environments agree. Keeping a on the simplex keeps u from vanishing or turning
-             against every environment; dividing ‖u‖ by the mean gradient norm gives λ the same
-             meaning everywhere on the landscape.
 
-`TOY_METHODS` holds the registry's combiners plus these two as `Combiner`s, so that
+`TOY_METHODS` holds the registry's combiners plus reptile as a `Combiner`, so that
 `MethodFlags(TOY_METHODS)` makes --method and every hyper-parameter flag, as in training.
 """
 from __future__ import annotations
@@ -25,9 +21,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, apply_combiner
+from and_mask.core.per_env_hvp import hvp_from_hessians
 from gen_mask.gen_mask_utils import COMBINERS
 from vizualization.landscapes import Landscape, env_grads, env_hessians
 
@@ -42,21 +39,23 @@ def noisy_env_grads(landscape: Landscape, points, noise: float = 0.0, generator=
     return grads
 
 
-def combine(combiner: Combiner, hparams: dict, grads: torch.Tensor) -> torch.Tensor:
-    """(N, 2) combined directions from (N, E, 2) per-environment gradients, one point at a time
-    in the math, vmapped over the points. A combiner that vmap cannot trace (data-dependent
-    Python control flow, `.item()`) falls back to a loop over points, with a warning."""
-    def one(g):
-        return apply_combiner(combiner, [g], hparams)[0][0]
+def combine(combiner: Combiner, hparams: dict, grads: torch.Tensor, hessians: torch.Tensor | None = None):
+    """(N, 2) combined directions from (N, E, 2) per-environment gradients (and, for a combiner that
+    needs them, the (N, E, 2, 2) Hessians), one point at a time in the math, vmapped over the
+    points. A combiner that vmap cannot trace (data-dependent Python control flow, `.item()`)
+    falls back to a loop over points, with a warning."""
+    def one(g, h=None):
+        return apply_combiner(combiner, [g], hparams, None if h is None else hvp_from_hessians(h))[0][0]
 
+    inputs = (grads,) if hessians is None else (grads, hessians)
     if combiner.name not in _POINTWISE:
         try:
-            return vmap(one, randomness="different")(grads)
+            return vmap(one, randomness="different")(*inputs)
         except Exception as error:  # any tracing failure; a genuine bug re-raises in the loop below
             _POINTWISE.add(combiner.name)
             warnings.warn(f"combiner {combiner.name} cannot be vmapped ({type(error).__name__}: {error}); "
                           "evaluating it point by point, which is slow on large grids")
-    return torch.stack([one(g) for g in grads])
+    return torch.stack([one(*point) for point in zip(*inputs)])
 
 
 def reptile(landscape: Landscape, points, lr: float, noise: float = 0.0, generator=None, reptile_steps: int = 5):
@@ -71,36 +70,9 @@ def reptile(landscape: Landscape, points, lr: float, noise: float = 0.0, generat
     return (points.unsqueeze(1) - phi).mean(1) / (reptile_steps * lr)
 
 
-def _lookahead_objective(logits, grads, hessians, lr, lam):
-    u = torch.softmax(logits, dim=0) @ grads
-    scale = grads.norm(dim=1).mean() + 1e-12
-    after = grads - lr * torch.einsum("eij,j->ei", hessians, u)
-    unit = after / (after.norm(dim=1, keepdim=True) + 1e-12)
-    cos = unit @ unit.T
-    n_envs = grads.shape[0]
-    mean_pair_cos = (cos.sum() - cos.diagonal().sum()) / (n_envs * (n_envs - 1))
-    return torch.sqrt(u @ u + 1e-12) / scale - lam * mean_pair_cos
-
-
-def lookahead(landscape: Landscape, points, lr: float, noise: float = 0.0, generator=None,
-              lookahead_lambda: float = 1.0, lookahead_steps: int = 5, lookahead_lr: float = 1.0):
-    """Lookahead: u = Σ a_e g_e, a = softmax(s) tuned on ‖u‖/mean‖g‖ − λ·cos(g_e − ηH_e u, g_f − ηH_f u)."""
-    grads = noisy_env_grads(landscape, points, noise, generator)
-    hessians = env_hessians(landscape, points)
-    logits = torch.zeros(grads.shape[:2], dtype=grads.dtype)
-    objective_grad = vmap(grad(_lookahead_objective), in_dims=(0, 0, 0, None, None))
-    for _ in range(lookahead_steps):
-        logits = logits - lookahead_lr * objective_grad(logits, grads, hessians, lr, lookahead_lambda)
-    return torch.einsum("ne,nei->ni", torch.softmax(logits, dim=1), grads)
-
-
 TOY_ONLY = CombinerRegistry()
 TOY_ONLY.add(Combiner("reptile", reptile, hparams=(
     HParam("reptile_steps", int, 5, "Inner gradient steps k per environment.", low=1),)))
-TOY_ONLY.add(Combiner("lookahead", lookahead, hparams=(
-    HParam("lookahead_lambda", float, 1.0, "Weight λ of the post-step gradient agreement.", low=0.0),
-    HParam("lookahead_steps", int, 5, "Gradient steps on the logits of the environment weights.", low=0),
-    HParam("lookahead_lr", float, 1.0, "Step size of the updates of those logits.", low=0.0))))
 
 TOY_METHODS = CombinerRegistry(COMBINERS)
 for _method in TOY_ONLY.values():
@@ -112,4 +84,5 @@ def direction(method: Combiner, hparams: dict, landscape: Landscape, points, lr:
     """(N, 2) update direction of `method` at (N, 2) points; the step is θ ← θ − η · direction."""
     if method.name in TOY_ONLY:
         return method.fn(landscape, points, lr, noise, generator, **hparams)
-    return combine(method, hparams, noisy_env_grads(landscape, points, noise, generator))
+    grads = noisy_env_grads(landscape, points, noise, generator)
+    return combine(method, hparams, grads, env_hessians(landscape, points) if method.needs_hvp else None)

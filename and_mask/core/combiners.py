@@ -6,6 +6,13 @@ whole model stacked as (E, P) (scope "model"), plus its hyper-parameters, and re
 combined gradient (shape `*shape`, resp. (P,)) and a small dict of diagnostics. A diagnostic
 named "mask" (a float tensor of the gradient's shape) is reported as the mask density of that
 tensor. Writing `param.grad` happens in one place, `apply_combiner`'s caller.
+
+A model-scope combiner may declare `needs_hvp`: it then also receives `hvp`, a callable giving
+each environment's Hessian-vector products at the current parameters, in the flattened layout
+of the (E, P) gradients: `hvp(v)` with v of shape (P,) returns the (E, P) rows H_e v, and with
+v of shape (E, P) the rows H_e v_e. The caller builds it (the training loop exactly, with
+`torch.func`, see `and_mask.core.per_env_hvp`; the 2-D toy from its exact Hessians), so the
+combiner stays pure math on tensors.
 """
 from __future__ import annotations
 
@@ -63,6 +70,8 @@ class Combiner:
     # Optional fast rule for per-example Linear-weight gradients given as OuterProducts
     # (G[i] = δ_i x_iᵀ); it must equal `fn` on the materialised (N, out, in) tensor.
     outer: Callable | None = None
+    # Model scope only: `fn` also takes `hvp=` (see the module docstring), and every caller must supply it.
+    needs_hvp: bool = False
 
     @property
     def summary(self) -> str:
@@ -82,18 +91,22 @@ class CombinerRegistry(dict):
     def add(self, combiner: Combiner) -> Combiner:
         if combiner.scope not in SCOPES:
             raise ValueError(f"combiner scope must be one of {SCOPES}, got {combiner.scope!r}")
+        if combiner.needs_hvp and combiner.scope != "model":
+            raise ValueError(f"combiner '{combiner.name}' needs Hessian-vector products, which only a model-scope "
+                             "combiner can take")
         if combiner.name in self:
             raise ValueError(f"a combiner named '{combiner.name}' is already registered")
         self[combiner.name] = combiner
         return combiner
 
-    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None, keeps_consensus=True):
+    def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None, keeps_consensus=True,
+                 needs_hvp=False):
         """Decorator: `@COMBINERS.register("my_rule", hparams=[HParam(...)])` on `fn(grads, **hp)`."""
 
         def decorate(fn):
             extra = {} if reduces_to_mean is None else {"reduces_to_mean": reduces_to_mean}
             self.add(Combiner(name=name, fn=fn, scope=scope, hparams=tuple(hparams), keeps_consensus=keeps_consensus,
-                              **extra))
+                              needs_hvp=needs_hvp, **extra))
             return fn
 
         return decorate
@@ -103,8 +116,11 @@ def _materialize(grads):
     return grads.materialize() if isinstance(grads, OuterProducts) else grads
 
 
-def apply_combiner(combiner: Combiner, per_env_grads: list[torch.Tensor], hparams: dict):
+def apply_combiner(combiner: Combiner, per_env_grads: list[torch.Tensor], hparams: dict, hvp: Callable | None = None):
     """Combine a list of per-environment gradients, one (E, *shape) tensor per parameter.
+
+    `hvp` (only for a combiner that `needs_hvp`, which fails without it) gives the environments'
+    Hessian-vector products in the layout of the flattened gradients, parameter after parameter.
 
     A Linear weight's per-example gradients may come factored as OuterProducts (the `outer`
     engine): the combiner's `outer` rule takes them as they are, any other rule sees them
@@ -118,6 +134,10 @@ def apply_combiner(combiner: Combiner, per_env_grads: list[torch.Tensor], hparam
         results = [combiner.outer(g, **hparams) if isinstance(g, OuterProducts) and combiner.outer
                    else combiner.fn(_materialize(g), **hparams) for g in per_env_grads]
         return [r[0] for r in results], [r[1] for r in results]
+    if combiner.needs_hvp:
+        if hvp is None:
+            raise ValueError(f"combiner '{combiner.name}' needs the environments' Hessian-vector products: pass hvp")
+        hparams = {**hparams, "hvp": hvp}
     per_env_grads = [_materialize(g) for g in per_env_grads]
     n_envs = per_env_grads[0].shape[0]
     flat = torch.cat([g.reshape(n_envs, -1) for g in per_env_grads], dim=1)

@@ -36,6 +36,7 @@ per example works with 1-D targets.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -144,32 +145,59 @@ def grads_from_output(env_losses, params, engine="shared", chunk_size=None):
     return [torch.cat(gs) for gs in zip(*pieces)]
 
 
-def _vmap_grads(model, inputs, target, loss_fn, n_envs, chunk_size):
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in named}
-    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = dict(model.named_buffers())
-    batch = inputs.shape[0] // n_envs
-    env_inputs = inputs.reshape(n_envs, batch, *inputs.shape[1:])
-    env_targets = target.reshape(n_envs, batch, *target.shape[1:])
-
-    def env_loss(p, x, y):
-        out = functional_call(model, ({**p, **frozen}, buffers), (x,))
-        return loss_fn(out.reshape(batch, -1).squeeze(-1), y.reshape(batch, -1).squeeze(-1)), out
-
+@contextmanager
+def batch_statistics_only(model: nn.Module):
+    """Training-mode BatchNorm layers normalise with their batch's statistics but leave their running
+    statistics alone (as under `torch.func` transforms they must). Yields whether there were any."""
     bns = [m for m in model.modules() if _is_batchnorm(m) and m.training and m.track_running_stats]
-    for m in bns:  # per-environment batch statistics; running statistics updated below
+    for m in bns:
         m.track_running_stats = False
     try:
-        grads, (losses, outs) = vmap(grad_and_value(env_loss, has_aux=True), in_dims=(None, 0, 0),
-                                     randomness="different", chunk_size=chunk_size)(params, env_inputs, env_targets)
+        yield bool(bns)
     finally:
         for m in bns:
             m.track_running_stats = True
-    if bns:  # opt-in only: keep the running statistics of a plain training step
+
+
+def functional_model(model: nn.Module):
+    """(trainable parameters by name, detached; `call(params, x)`: the model's forward with those)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def call(p, x):
+        return functional_call(model, ({**p, **frozen}, buffers), (x,))
+
+    return params, call
+
+
+def env_blocks(inputs: torch.Tensor, target: torch.Tensor, n_envs: int):
+    """Inputs and targets reshaped to (E, B, ...), one block per environment."""
+    batch = inputs.shape[0] // n_envs
+    return inputs.reshape(n_envs, batch, *inputs.shape[1:]), target.reshape(n_envs, batch, *target.shape[1:])
+
+
+def functional_env_loss(call, loss_fn):
+    """`env_loss(params, x, y) -> (L_e, output)` for one environment's block of examples."""
+    def env_loss(p, x, y):
+        out = call(p, x)
+        batch = x.shape[0]
+        return loss_fn(out.reshape(batch, -1).squeeze(-1), y.reshape(batch, -1).squeeze(-1)), out
+
+    return env_loss
+
+
+def _vmap_grads(model, inputs, target, loss_fn, n_envs, chunk_size):
+    params, call = functional_model(model)
+    env_inputs, env_targets = env_blocks(inputs, target, n_envs)
+    with batch_statistics_only(model) as has_bns:  # per-environment batch statistics
+        grads, (losses, outs) = vmap(grad_and_value(functional_env_loss(call, loss_fn), has_aux=True),
+                                     in_dims=(None, 0, 0), randomness="different",
+                                     chunk_size=chunk_size)(params, env_inputs, env_targets)
+    if has_bns:  # opt-in only: keep the running statistics of a plain training step
         with torch.no_grad():
             model(inputs)
-    return losses.detach(), [grads[n] for n, _ in named], outs.reshape(inputs.shape[0], *outs.shape[2:]).detach()
+    return losses.detach(), [grads[n] for n in params], outs.reshape(inputs.shape[0], *outs.shape[2:]).detach()
 
 
 def _outer_grads(model, inputs, target, loss_fn, n_envs):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from and_mask.core.combiners import Combiner, apply_combiner
 from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
+from and_mask.core.per_env_hvp import env_hvp, hvp_unsupported
 from and_mask.core.runlog import RunLog
 
 
@@ -81,6 +82,9 @@ class Trainer:
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.plain = combiner.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
+        problem = hvp_unsupported(setup.model) if combiner.needs_hvp and not self.plain else None
+        if problem:
+            raise RunError(f"--method {combiner.name}: {problem}")
 
     def _step(self, inputs, target, n_envs):
         model, params = self.setup.model, [p for _, p in self.named_params]
@@ -94,7 +98,10 @@ class Trainer:
         else:
             result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size,
                                    accepts_outer=True)
-            combined, diagnostics = apply_combiner(self.combiner, result.grads, self.hparams)
+            # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
+            hvp = (env_hvp(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size)
+                   if self.combiner.needs_hvp else None)
+            combined, diagnostics = apply_combiner(self.combiner, result.grads, self.hparams, hvp)
             for p, g in zip(params, combined):
                 p.grad = g
             output, loss = result.output, result.env_losses.mean()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the synthetic results of the README ("Results: spirals with signatures").
+# Reproduces the synthetic results of and_mask/README.md ("Synthetic task", "Results").
 # Usage: bash and_mask/experiments/reproduce_synthetic.sh {grid|grid2|seeds} [OUT]   (CPU, one run at a time)
 # grid, grid2: one seed per setting of a documented grid, to find where AND-mask learns the spiral;
 # seeds: 3 seeds of each reported setting. Then: python -m and_mask.summarize OUT/<setting>-s*

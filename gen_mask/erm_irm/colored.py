@@ -1,4 +1,4 @@
-"""The four Colored MNIST variants of the benchmark (SPEC section 8) and their fitting problem.
+"""The four Colored MNIST variants of Ahuja et al. (ICLR 2021) and their fitting problem.
 
 Every image becomes a binary 28×28 mask m = 1[pixel > 127] with label y = 1[class ≥ 5] (MNIST
 digits 5-9; Fashion-MNIST classes sandal, shirt, sneaker, bag, ankle boot). An environment has a

@@ -48,11 +48,17 @@ BASELINES = ("erm", "irm")
 
 
 def valid_methods() -> list[str]:
-    return [*BASELINES, *sorted(COMBINERS)]
+    """The baselines and every combiner that needs no Hessian-vector products: the benchmark's
+    stacked models (M independent fits in one module) do not supply them."""
+    return [*BASELINES, *sorted(n for n, c in COMBINERS.items() if not c.needs_hvp)]
 
 
 def check_methods(names: list[str]) -> str | None:
-    """An error message naming the valid methods if a name is unknown, else None."""
+    """An error message naming the valid methods if a name is unknown or unsupported, else None."""
+    unsupported = [n for n in names if n in COMBINERS and COMBINERS[n].needs_hvp]
+    if unsupported:
+        return (f"{', '.join(unsupported)} need(s) per-environment Hessian-vector products, which this benchmark "
+                f"does not compute; valid: {', '.join(valid_methods())}")
     unknown = [n for n in names if n not in valid_methods()]
     if unknown:
         return f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(valid_methods())}"

@@ -11,7 +11,7 @@ penalises the slope of the risk at w = 1:
 P_e = 0 when rescaling the output cannot lower environment e's risk: the same classifier on
 top of the representation is optimal in every environment.
 
-Schedule (the IRM reference code and SPEC section 8): with λ the chosen penalty weight,
+Schedule (the IRM reference code and Ahuja et al., ICLR 2021): with λ the chosen penalty weight,
 
     weight(step) = 1 for step < anneal_steps (190), else λ,
     loss = mean_e R_e + l2 · ‖θ‖² + weight · mean_e P_e,   divided by weight when weight > 1,

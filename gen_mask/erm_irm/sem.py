@@ -1,4 +1,4 @@
-"""The four linear structural-equation models of the benchmark (SPEC section 8).
+"""The four linear structural-equation models of the benchmark of Ahuja et al. (ICLR 2021).
 
 Row vectors of 5 dimensions each; environment e has noise scale σ_e ∈ {0.2, 2.0}:
 

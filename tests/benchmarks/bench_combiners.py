@@ -2,7 +2,9 @@
 gradients themselves, on the synthetic MLP (16 envs × 256 examples, 3 hidden layers of 256).
 
 Repeats are interleaved over combiners so that machine noise affects all alike; the median is
-reported. Combiners are called at their default hyper-parameters through `apply_combiner`.
+reported. Combiners are called at their default hyper-parameters through `apply_combiner`; a
+combiner that needs Hessian-vector products gets the training loop's exact ones, whose cost it
+includes.
 
     python tests/benchmarks/bench_combiners.py [--repeats 20] [--threads 1]
 """
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_grads import per_env_grads
+from and_mask.core.per_env_hvp import env_hvp
 from and_mask.models import MLP
 from bench_align_weights import HIDDEN, LAYERS, N_DIMS, N_ENVS, batches  # same model and data
 from gen_mask.gen_mask_utils import COMBINERS
@@ -36,10 +39,11 @@ def main():
         return per_env_grads(model, inputs, target, F.binary_cross_entropy_with_logits, N_ENVS).grads
 
     grads = grads_step()
+    hvp = env_hvp(model, inputs, target, F.binary_cross_entropy_with_logits, N_ENVS)
     tasks = {"per-env gradients (vmap)": grads_step}
     for name in sorted(COMBINERS):
         combiner = COMBINERS[name]
-        tasks[name] = lambda c=combiner: apply_combiner(c, grads, c.defaults())
+        tasks[name] = lambda c=combiner: apply_combiner(c, grads, c.defaults(), hvp if c.needs_hvp else None)
     times = {name: [] for name in tasks}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -111,7 +111,9 @@ def test_killed_run_is_continued_with_resume(tmp_path):
     spec = write_sweep(tmp_path, f'module = "{FAKE}"\nseeds = [0, 1]\nflags = {{ die_marker = "{marker}" }}\n')
     out = tmp_path / "sweep"
     assert sweep(spec, "--out", out, "--workers", "2") == 1
-    assert set(states(out).values()) == {"interrupted"}  # SIGKILL: status written by the launcher
+    for run_id in states(out):  # killed: the launcher writes the status the run could not
+        state = run_state(out / "runs" / run_id)
+        assert (state.status, state.exit_code, state.error) == ("interrupted", 137, "killed by SIGKILL")
     marker.unlink()
     assert sweep("--out", out, "--workers", "2") == 0
     for run_id in states(out):
@@ -266,3 +268,9 @@ grid = { methods = ["erm"] }
 def test_example_sweeps_pass_their_modules_flag_checks(example, tmp_path, capsys):
     assert sweep(example, "--out", tmp_path / "sweep", "--launcher", "dry") == 0
     assert len(capsys.readouterr().out.splitlines()) == len(expand(load_spec(example))) > 1
+
+
+def test_a_slurm_job_imports_no_torch():
+    """The process that runs one SLURM job's command holds no torch (half a gigabyte) besides the run's."""
+    check = "import sys, gen_mask.sweep.slurm_job; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0

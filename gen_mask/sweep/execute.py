@@ -9,6 +9,8 @@ line as the error of a failed run.
 """
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import shlex
 import signal
@@ -16,9 +18,11 @@ import subprocess
 import threading
 from pathlib import Path
 
-from gen_mask.sweep.folder import STATUS, now, read_status, write_status
 from gen_mask.sweep.jobs import Job
 
+# The run folder's status file (and_mask.core.runfolder.STATUS), named here so that a SLURM job,
+# which imports this module, does not import torch with the run-folder code (half a gigabyte).
+STATUS = "status.json"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_GRACE_S = 60  # a stopped run gets this long to exit before SIGKILL
 
@@ -28,6 +32,17 @@ def thread_env(threads: int, extra: dict | None = None) -> dict:
     env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
     env.update(extra or {})
     return env
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_status(run_dir: Path, status: str, exit_code: int, error: str | None):
+    """status.json as a run writes it, for a run that could not (killed, or not writing one)."""
+    path, tmp = run_dir / STATUS, run_dir / f".{STATUS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "error": error, "time": now()}) + "\n")
+    os.replace(tmp, path)  # atomic: a reader sees no status or the whole of it
 
 
 def _status_file(run_dir: Path):
@@ -82,15 +97,18 @@ class Child:
 
         `stopped`: the launcher stopped the run (Ctrl-C, preemption), so a non-zero exit is
         "interrupted". A status.json is new when it is not the file that was there at the start
-        (compared by inode and time stamp, so that clocks of other machines do not matter).
+        (compared by inode and time stamp, so that clocks of other machines do not matter). A run
+        killed by signal S gets exit code 128 + S, as a shell reports it.
         """
         returncode, run_dir = self.wait(), self.job.run_dir
-        if read_status(run_dir) is not None and _status_file(run_dir) != self.status_before:
+        if _status_file(run_dir) not in (None, self.status_before):
             return returncode
         run_dir.mkdir(parents=True, exist_ok=True)
         if returncode == 0:
             write_status(run_dir, "finished", 0, None)
-        elif stopped or returncode < 0:
+        elif returncode < 0:
+            write_status(run_dir, "interrupted", 128 - returncode, f"killed by {signal.Signals(-returncode).name}")
+        elif stopped:
             write_status(run_dir, "interrupted", returncode, None)
         else:
             write_status(run_dir, "failed", returncode, last_line(self.job.log))

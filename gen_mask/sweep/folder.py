@@ -29,25 +29,20 @@ import contextlib
 import fcntl
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from and_mask.core.errors import RunError
+from gen_mask.sweep.execute import STATUS, now
 
 SWEEP = "sweep.json"
 LOCK = "sweep.lock"
 RUNS = "runs"
 LOGS = "logs"
 SLURM = "slurm"
-STATUS = "status.json"
 RUN_LOCK = "run.lock"
 VERSION = 1
 FINAL = ("finished", "failed", "interrupted")
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 @dataclass
@@ -148,14 +143,6 @@ def read_status(run_dir) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return status if isinstance(status, dict) and status.get("status") in FINAL else None
-
-
-def write_status(run_dir, status: str, exit_code: int, error: str | None):
-    """status.json, written atomically (temp file, then rename)."""
-    path = Path(run_dir) / STATUS
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "error": error, "time": now()}) + "\n")
-    os.replace(tmp, path)
 
 
 def run_state(run_dir) -> RunState:

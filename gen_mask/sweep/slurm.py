@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from and_mask.core.cli import positive_float, positive_int
 from and_mask.core.errors import RunError
-from gen_mask.sweep.folder import SweepFolder, now, read_status, run_state
+from gen_mask.sweep.execute import now
+from gen_mask.sweep.folder import SweepFolder, read_status, run_state
 from gen_mask.sweep.slurm_job import RunCommand
 
 SUBMISSIONS = "submissions.jsonl"

@@ -15,6 +15,10 @@ Rules are vectorised torch (CPU or CUDA); the exact small solvers live in `gen_m
 A whole-model rule declared `needs_hvp=True` also receives `hvp`, the environments'
 Hessian-vector products (see `and_mask.core.combiners`); lookahead alignment, in
 `gen_mask.lookahead`, is one.
+
+`OBJECTIVES` holds the second kind of method, training objectives whose update is the ordinary
+gradient of a loss over environments (the paper's baselines IRMv1, V-REx and DANN, defined in
+`gen_mask.baselines`); --method picks from both registries, which share one name space.
 """
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ import torch
 
 from and_mask import and_mask_utils
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, apply_combiner
+from and_mask.core.objectives import ObjectiveRegistry
 from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
 from and_mask.core.per_env_hvp import env_hvp
-from gen_mask import lookahead, solvers
+from gen_mask import baselines, lookahead, solvers
 
-__all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "get_grads", "get_grads_from_model"]
+__all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "OBJECTIVES", "get_grads", "get_grads_from_model"]
 
 COMBINERS = CombinerRegistry()
 COMBINERS.add(and_mask_utils.AND_MASK)  # AND-mask and geometric mean: one implementation, in and_mask
@@ -157,14 +162,18 @@ def mgda(grads):
 def cagrad(grads, cagrad_c=0.5, cagrad_rescale=1):
     """CAGrad: ḡ + c‖ḡ‖ g_w/‖g_w‖, w from CAGrad's dual (Liu et al., NeurIPS 2021)."""
     # "Conflict-Averse Gradient Descent for Multi-task Learning", following the authors' code:
-    # w = argmin_{w ∈ simplex} g_w·ḡ + c‖ḡ‖‖g_w‖ (`solvers.cagrad_weights`), then the update is
-    # divided by 1 + c² (rescale 1). Identical environments give (1 + c)/(1 + c²)·g, so g itself
-    # only with rescale 2.
+    # w = argmin_{w ∈ simplex} g_w·ḡ + c‖ḡ‖‖g_w‖ (`solvers.cagrad_weights`, exact), then the update
+    # is divided by 1 + c² (rescale 1). Identical environments give (1 + c)/(1 + c²)·g, so g itself
+    # only with rescale 2. The authors add 1e-8 to ‖g_w‖; here g_w is normalised as it is unless it
+    # lies below what the Gram matrix resolves in the gradients' precision (√eps·max_e ‖g_e‖),
+    # where its direction is rounding noise and the update is ḡ: the rule is scale-free.
     weights = solvers.cagrad_weights(grads @ grads.T, cagrad_c)
     avg = grads.mean(dim=0)
     g_w = weights @ grads
-    radius = cagrad_c * avg.norm()
-    update = avg + radius / (g_w.norm() + 1e-8) * g_w
+    norm = g_w.norm()
+    resolution = torch.finfo(grads.dtype).eps ** 0.5 * grads.norm(dim=1).max()
+    step = torch.where(norm > resolution, cagrad_c * avg.norm() / norm, torch.zeros_like(norm))
+    update = avg + step * g_w
     divisor = (1.0, 1.0 + cagrad_c ** 2, 1.0 + cagrad_c)[cagrad_rescale]
     return update / divisor, {"weights": weights}
 
@@ -251,4 +260,5 @@ def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", 
     return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters, hvp)
 
 
-METHOD_FLAGS = MethodFlags(COMBINERS, required=False)
+OBJECTIVES = ObjectiveRegistry({o.name: o for o in baselines.BASELINES})
+METHOD_FLAGS = MethodFlags(COMBINERS, required=False, objectives=OBJECTIVES)

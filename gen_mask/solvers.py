@@ -4,8 +4,8 @@
   vectorised torch (no host sync).
 - `min_norm_weights`: the minimum-norm point of the convex hull of E gradients (MGDA), exact, from
   their E×E Gram matrix via one non-negative least-squares problem.
-- `cagrad_weights`: the CAGrad inner problem min_{w ∈ simplex} wᵀQb + c·√(wᵀQw), by SLSQP as in
-  the CAGrad authors' code.
+- `cagrad_weights`: the CAGrad inner problem min_{w ∈ simplex} wᵀQb + c·‖g0‖·√(wᵀQw), exact and
+  scale-free (bisection over a family of minimum-norm problems, then the optimality conditions).
 - `sort_environments`: sort (E, ...) along the environment axis with a sorting network, several
   times faster than `torch.sort(dim=0)` for the few environments of a step (median, trimmed mean).
 
@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 import torch
-from scipy.optimize import minimize, nnls
+from scipy.optimize import brentq, nnls
 
 
 def box_simplex_lp(c: torch.Tensor, total: float = 1.0, bound: float = 2.0) -> torch.Tensor:
@@ -49,6 +49,18 @@ def _gram_to_numpy(gram: torch.Tensor) -> tuple[np.ndarray, float]:
     return (q / scale if scale > 0 else q), scale
 
 
+def _min_norm_from_gram(q: np.ndarray) -> np.ndarray:
+    """Simplex weights of the minimum-norm point, from a float64 Gram matrix (see `min_norm_weights`)."""
+    n = q.shape[0]
+    eigenvalues, vectors = np.linalg.eigh(q)
+    r = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * vectors.T
+    a = np.vstack([r, np.ones((1, n))])
+    b = np.zeros(n + 1)
+    b[-1] = 1.0
+    u, _ = nnls(a, b)
+    return u / u.sum()
+
+
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     """Weights w ∈ simplex minimising ‖Σ_e w_e g_e‖², given the Gram matrix Q_ij = ⟨g_i, g_j⟩.
 
@@ -61,41 +73,91 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     q, scale = _gram_to_numpy(gram)
     if scale <= 0:  # every gradient is zero: any convex combination is the minimum
         return torch.full((n,), 1.0 / n, dtype=gram.dtype, device=gram.device)
-    eigenvalues, vectors = np.linalg.eigh(q)
-    r = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * vectors.T
-    a = np.vstack([r, np.ones((1, n))])
-    b = np.zeros(n + 1)
-    b[-1] = 1.0
-    u, _ = nnls(a, b)
-    w = u / u.sum()
-    return torch.as_tensor(w, dtype=gram.dtype, device=gram.device)
+    return torch.as_tensor(_min_norm_from_gram(q), dtype=gram.dtype, device=gram.device)
 
 
 def cagrad_weights(gram: torch.Tensor, c: float) -> torch.Tensor:
     """Weights w ∈ simplex minimising wᵀQb + c·‖g0‖·√(wᵀQw), b = 1/E (CAGrad's dual, Liu et al. 2021).
 
-    `c` is CAGrad's c (the radius of the ball around the mean gradient g0 is c·‖g0‖). Solved with
-    SLSQP from the uniform weights, as in the authors' code, with the analytic gradient and the
-    Gram matrix scaled to unit mean diagonal (the minimiser does not depend on that scale).
+    `c` is CAGrad's c: the radius of the ball around the mean gradient g0 = G b is r = c·‖g0‖.
+    With x = g_w = Σ_e w_e g_e, the problem is min_{x ∈ C} f(x) = ⟨x, g0⟩ + r‖x‖ over the convex
+    hull C of the gradients. It is solved exactly and scale-free: nothing is added to ‖x‖, so the
+    weights are the same for G and s·G at any scale s, however small ‖x‖ is at the optimum.
+
+    Since r‖x‖ = min_{η>0} ‖x‖²/(2η) + r²η/2, minimising over x first gives, for each η, the point
+    x(η) of C nearest to −η·g0 (a minimum-norm problem over the shifted gradients g_e + η·g0,
+    solved exactly by `min_norm_weights`' NNLS). The optimum is x(η*) where ‖x(η)‖ = r·η; what is
+    left to minimise over η is convex, so ‖x(η)‖/η decreases and η* is its root (Brent's method on
+    log η). The
+    shifted Gram matrices mix large and small gradients, so the weights are finally recomputed
+    from the optimality conditions on the support found, which involve only the gradients that
+    carry weight: with S the support, a = Qb and t = r/‖x‖,
+    a_S + t·Q_SS w_S = μ·1 and 1ᵀw_S = 1 give w_S = (μ·Q_SS⁻¹1 − Q_SS⁻¹a_S)/t in closed form.
+    If x = 0 is optimal (possible for c ≥ 1) the minimum-norm weights are returned.
     """
     n = gram.shape[0]
     q, scale = _gram_to_numpy(gram)
     b = np.full(n, 1.0 / n)
-    if scale <= 0:
+    if scale <= 0 or n == 1:
         return torch.as_tensor(b, dtype=gram.dtype, device=gram.device)
-    qb = q @ b
-    radius = c * np.sqrt(max(b @ qb, 0.0)) + 1e-8
+    w = _cagrad_dual(q, c)
+    return torch.as_tensor(w, dtype=gram.dtype, device=gram.device)
 
-    def objective(w):
-        qw = q @ w
-        norm = np.sqrt(max(w @ qw, 0.0) + 1e-8)
-        return w @ qb + radius * norm, qb + radius * qw / norm
 
-    result = minimize(objective, b, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * n,
-                      constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(n)},),
-                      options={"ftol": 1e-12, "maxiter": 200})
-    w = np.clip(result.x, 0.0, None)
-    return torch.as_tensor(w / w.sum(), dtype=gram.dtype, device=gram.device)
+def _cagrad_objective(q, a, r, w):
+    return float(a @ w + r * np.sqrt(max(w @ q @ w, 0.0)))
+
+
+def _cagrad_dual(q: np.ndarray, c: float) -> np.ndarray:
+    """`cagrad_weights` on a float64 Gram matrix scaled to unit mean diagonal."""
+    n = q.shape[0]
+    ones = np.ones(n)
+    a = q @ ones / n  # ⟨g_e, g0⟩
+    g0_sq = float(a.mean())
+    r = c * np.sqrt(max(g0_sq, 0.0))
+    if r <= 0:  # c = 0: min ⟨x, g0⟩, a vertex
+        return np.eye(n)[int(np.argmin(a))]
+
+    def nearest(eta):  # weights of the point of C nearest to −η·g0, and its norm
+        shifted = q + eta * (np.outer(a, ones) + np.outer(ones, a)) + eta ** 2 * g0_sq
+        w = _min_norm_from_gram(shifted)
+        return w, np.sqrt(max(w @ q @ w, 0.0))
+
+    # ‖x(η)‖ ≤ max_e ‖g_e‖, so ‖x(η)‖ < rη above `high`; go down until ‖x(η)‖ > rη.
+    high = 2.0 * np.sqrt(q.diagonal().max()) / r
+    low = high
+    for _ in range(30):
+        low *= 1e-3
+        w, norm = nearest(low)
+        if norm > r * low:
+            break
+    else:  # ‖x(η)‖ ≤ rη down to η ≈ 1e-90: x = 0 (the minimum-norm point) is optimal
+        return _min_norm_from_gram(q)
+    # ‖x(η)‖/(rη) − 1 decreases in log η: Brent's method finds its root inside [low, high].
+    log_eta = brentq(lambda u: nearest(np.exp(u))[1] / (r * np.exp(u)) - 1.0, np.log(low), np.log(high),
+                     xtol=1e-14, rtol=4 * np.finfo(float).eps, maxiter=200)
+    w = nearest(np.exp(log_eta))[0]
+    return _polish_cagrad(q, a, r, w)
+
+
+def _polish_cagrad(q, a, r, w):
+    """Solve the optimality conditions on the support of `w` exactly; keep `w` if that is not better."""
+    support = np.flatnonzero(w > 0)
+    q_s, a_s = q[np.ix_(support, support)], a[support]
+    try:
+        p, q_inv_a = np.linalg.solve(q_s, np.ones(len(support))), np.linalg.solve(q_s, a_s)
+    except np.linalg.LinAlgError:
+        return w
+    sum_p, sum_q = p.sum(), q_inv_a.sum()
+    discriminant = sum_q ** 2 - sum_p * (a_s @ q_inv_a - r ** 2)
+    if not (sum_p > 0 and discriminant > 0):
+        return w
+    t = np.sqrt(discriminant)  # t = r/‖x‖ and μ = (Σq + t)/Σp, from 1ᵀw = 1 and ‖x‖ = r/t
+    polished = np.zeros_like(w)
+    polished[support] = ((sum_q + t) / sum_p * p - q_inv_a) / t
+    if polished.min() < 0 or _cagrad_objective(q, a, r, polished) > _cagrad_objective(q, a, r, w):
+        return w
+    return polished
 
 
 @functools.lru_cache(maxsize=None)

@@ -137,3 +137,25 @@ def test_bad_flags_are_argparse_errors(tmp_path, change, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
     assert exit_info.value.code == 2 and change[0] in capsys.readouterr().err
+
+
+TEMPORAL = ["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9", "--temporal_threshold", "0.5"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--envs_per_step", "1"], "--envs_per_step is not available for cifar"),
+    (TEMPORAL, "--weight_decay_order before is not available"),
+])
+def test_one_environment_per_step_and_coupled_decay_with_the_temporal_mask_are_refused(tmp_path, capsys, extra,
+                                                                                      message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(tmp_path / "empty", tmp_path / "run", *extra))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_temporal_and_mask_adam_run(data_path, tmp_path):
+    argv = set_flag(and_mask_argv(data_path, tmp_path, *TEMPORAL), "--weight_decay_order", None)
+    cli.main(cifar, AND_MASK_FLAGS, "and_mask", set_flag(argv, "--epochs", "1"))
+    records = check_records(tmp_path, 1)
+    assert 0 < records[0]["temporal_mask_density"] <= 1
+    assert read_config(tmp_path)["flags"]["weight_decay_order"] == "after"

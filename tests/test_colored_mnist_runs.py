@@ -63,6 +63,12 @@ def test_defaults_follow_the_original(data_root, tmp_path):
                   "--output_dir", "x"], "random_labels_fraction"),
     ("gen_mask", ["--method", "mean", "--init_lr", "0.1", "--weight_decay", "0", "--random_labels_fraction", "0",
                   "--output_dir", "x", "--protocol", "irm", "--n_dims", "2352"], "n_dims"),
+    ("gen_mask", ["--method", "mean", "--init_lr", "0.1", "--weight_decay", "0", "--random_labels_fraction", "0",
+                  "--output_dir", "x", "--envs_per_step", "1"], "--envs_per_step needs --agreement_envs color"),
+    ("gen_mask", ["--method", "mean", "--init_lr", "0.1", "--weight_decay", "0", "--random_labels_fraction", "0",
+                  "--output_dir", "x", "--optimizer", "temporal_and_mask_adam", "--beta3", "0.9",
+                  "--temporal_threshold", "0.5", "--weight_decay_order", "before"],
+     "--weight_decay_order before is not available"),
 ])
 def test_bad_flags_are_argparse_errors(package, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -88,12 +94,31 @@ def test_agreement_environments(data_root, tmp_path, protocol):
                 for loader in setup.env_loaders]
     batches = list(setup.train_batches(1))
     assert len(batches) == setup.steps_per_epoch == min(len(loader.dataset) for loader in setup.env_loaders) // 20
-    for x, y, n_envs in batches[:3]:
-        assert x.shape == (40, n_inputs) and n_envs == 2
+    for x, y, n_envs, env_ids in batches[:3]:
+        assert x.shape == (40, n_inputs) and n_envs == 2 and sorted(env_ids) == [0, 1]
         halves = [set(map(tuple, x[:20].tolist())), set(map(tuple, x[20:].tolist()))]
-        # one colour environment per half (their order is drawn at random each step)
-        assert (halves[0] <= env_rows[0] and halves[1] <= env_rows[1]) or (
-            halves[0] <= env_rows[1] and halves[1] <= env_rows[0])
+        # one colour environment per half, in the order env_ids says (drawn at random each step)
+        assert halves[0] <= env_rows[env_ids[0]] and halves[1] <= env_rows[env_ids[1]]
+
+
+def test_one_colour_environment_per_step(data_root, tmp_path):
+    args = parse("gen_mask", base_flags(data_root, tmp_path, "--method", "mean", "--batch_size", "20",
+                                        "--agreement_envs", "color", "--envs_per_step", "1"))
+    setup = colored_mnist.build(args, torch.device("cpu"))
+    batches = list(setup.train_batches(1))
+    assert len(batches) == setup.steps_per_epoch == 2 * (N_IMAGES // 3 // 20)
+    assert all(n_envs == 1 and len(y) == 20 for _, y, n_envs, _ in batches)
+    assert sorted(ids[0] for _, _, _, ids in batches) == [0] * (len(batches) // 2) + [1] * (len(batches) // 2)
+
+
+def test_temporal_and_mask_adam_with_decoupled_decay(data_root, tmp_path):
+    argv = base_flags(data_root, tmp_path, "--method", "and_mask", "--agreement_threshold", "0.5",
+                      "--scale_grad_inverse_sparsity", "1", "--optimizer", "temporal_and_mask_adam", "--beta3", "0.9",
+                      "--temporal_threshold", "0.3", "--epochs", "2", "--quiet", "--batch_size", "40")
+    cli.main(colored_mnist, AND_MASK_FLAGS, "and_mask", argv)
+    records = read_metrics(tmp_path / "run")
+    assert all(0 < r["temporal_mask_density"] <= 1 for r in records[:2])
+    assert json.load(open(tmp_path / "run" / "config.json"))["flags"]["weight_decay_order"] == "after"
 
 
 def test_random_labels_are_applied_and_trained_on(data_root, tmp_path):

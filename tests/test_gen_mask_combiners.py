@@ -4,13 +4,14 @@ someone adds is checked too) and the closed-form / optimality properties of each
 To check combiners defined in your own module as well: GEN_MASK_PLUGINS=my_rule pytest tests/test_gen_mask_combiners.py
 """
 import importlib
+import itertools
 import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linprog, minimize
+from scipy.optimize import linprog, minimize, minimize_scalar
 
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_hvp import hvp_from_hessians
@@ -331,6 +332,74 @@ def test_cagrad_weights_minimise_its_dual_and_the_update_has_its_form():
     torch.testing.assert_close(combine("cagrad", [grads], cagrad_c=0.0)[0][0], g0)
     same = grads[:1].expand(3, -1)
     torch.testing.assert_close(combine("cagrad", [same], cagrad_c=c, cagrad_rescale=2)[0][0], grads[0])
+
+
+def cagrad_by_enumeration(q, c):
+    """CAGrad's dual min_{w ∈ simplex} wᵀa + r√(wᵀQw) by trying every support S (small E only).
+
+    On a support the stationarity conditions a_S + (r/s)·Q_SS w_S = μ·1, 1ᵀw_S = 1 with
+    s² = w_SᵀQ_SS w_S reduce to a quadratic in μ; the best feasible candidate over all supports
+    (vertices included) is the minimum.
+    """
+    n = len(q)
+    a = q @ np.full(n, 1 / n)
+    r = c * np.sqrt(a.mean())
+    best = min((np.eye(n)[i] for i in range(n)), key=lambda w: cagrad_objective(w, q, c))
+    for size in range(2, n + 1):
+        for support in itertools.combinations(range(n), size):
+            support = list(support)
+            q_s = q[np.ix_(support, support)]
+            if np.linalg.matrix_rank(q_s) < size:
+                continue
+            p, q_inv_a = np.linalg.solve(q_s, np.ones(size)), np.linalg.solve(q_s, a[support])
+            for mu in np.roots([p.sum(), -2 * q_inv_a.sum(), q_inv_a @ a[support] - r ** 2]):
+                t = mu.real * p.sum() - q_inv_a.sum()
+                if abs(mu.imag) > 1e-12 * abs(mu) or t <= 0:
+                    continue
+                w = np.zeros(n)
+                w[support] = (mu.real * p - q_inv_a) / t
+                if w.min() >= 0 and cagrad_objective(w, q, c) < cagrad_objective(best, q, c):
+                    best = w
+    return best
+
+
+def cagrad_update(grads, w, c):
+    g0, g_w = grads.mean(0), w @ grads
+    return (g0 + c * np.linalg.norm(g0) * g_w / np.linalg.norm(g_w)) / (1 + c ** 2)
+
+
+def test_cagrad_resolves_a_tiny_optimal_g_w():
+    # The optimum lies on the face of the two small gradients, where ‖g_w‖ ≈ 1e-3 is 2e-6 of the
+    # RMS gradient norm: a solver that adds a constant to ‖g_w‖² at unit scale cannot see it.
+    grads = np.array([[1000, 0], [0, 1], [-9e-4, -5e-4]], dtype=np.float64)
+    q, c = grads @ grads.T, 0.5
+    reference = cagrad_by_enumeration(q, c)
+    # independently: the best point of the face {w_1 = 0} by a bounded scalar search
+    face = minimize_scalar(lambda s: cagrad_objective(np.array([0, s, 1 - s]), q, c), bounds=(0, 1),
+                           method="bounded", options={"xatol": 1e-14})
+    assert abs(reference[1] - face.x) < 1e-9 and reference[0] == 0
+    expected = cagrad_update(grads, reference, c)
+    np.testing.assert_allclose(expected, [133.3337, -0.11994], rtol=1e-4)
+    out, diag = combine("cagrad", [torch.tensor(grads)], cagrad_c=c)
+    np.testing.assert_allclose(out[0].numpy(), expected, rtol=1e-6)
+    for scale in (1e-6, 1e6):  # scale-free: the same weights at any scale of the gradients
+        w = solvers.cagrad_weights(torch.tensor(q * scale ** 2), c)
+        torch.testing.assert_close(w, diag[0]["weights"], rtol=1e-9, atol=1e-12)
+
+
+def test_cagrad_weights_match_the_enumeration_on_badly_scaled_gradients():
+    rng = np.random.RandomState(1)
+    for _ in range(40):
+        n_envs, dim = rng.randint(2, 6), rng.randint(1, 8)
+        grads = rng.randn(n_envs, dim) * 10.0 ** rng.uniform(-6, 3, size=(n_envs, 1))
+        c = rng.uniform(0.1, 0.9)
+        q = grads @ grads.T
+        w = solvers.cagrad_weights(torch.tensor(q), c).numpy()
+        reference = cagrad_by_enumeration(q, c)
+        assert cagrad_objective(w, q, c) <= cagrad_objective(reference, q, c) + 1e-12 * abs(
+            cagrad_objective(reference, q, c))
+        update, expected = cagrad_update(grads, w, c), cagrad_update(grads, reference, c)
+        assert np.linalg.norm(update - expected) <= 1e-7 * np.linalg.norm(grads.mean(0))
 
 
 def test_gaf_fuses_agreeing_environments_and_skips_when_none_agrees():

@@ -7,9 +7,9 @@ import torch
 
 from and_mask.and_mask_utils import METHOD_FLAGS as AND_MASK_FLAGS
 from and_mask.core import cli
-from and_mask.core.training import Trainer
 from and_mask.datasets.synthetic import TEST_SEED, get_spirals_dataset
 from and_mask.experiments import synthetic
+from interrupted_runs import interrupt_then_resume
 
 SMALL = ["--examples_per_env", "64", "--n_test", "100", "--n_train_envs", "4", "--n_agreement_envs", "2",
          "--batch_size", "16", "--n_hidden_units", "16", "--n_hidden_layers", "2", "--quiet", "--use_cuda", "0"]
@@ -86,29 +86,41 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
     assert metrics(3, "a") != metrics(4, "c")
 
 
-def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
-    argv = SMALL + AND_MASK + ["--epochs", "3"]
+TEMPORAL = ["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9", "--temporal_threshold", "0.6"]
+
+
+@pytest.mark.parametrize("optimizer", [[], TEMPORAL], ids=["adam", "temporal_and_mask_adam"])
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, optimizer):
+    argv = SMALL + AND_MASK + ["--epochs", "3"] + optimizer
     run_and_mask(argv + ["--output_dir", str(tmp_path / "whole")])
-
-    original = Trainer._checkpoint
-
-    def stop_after_epoch_2(self, epoch):
-        original(self, epoch)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_checkpoint", stop_after_epoch_2)
-    with pytest.raises(SystemExit, match="interrupted"):
-        run_and_mask(argv + ["--output_dir", str(tmp_path / "split")])
-    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(Trainer, "_checkpoint", original)
-    run_and_mask(argv + ["--output_dir", str(tmp_path / "split"), "--resume"])
+    interrupt_then_resume(run_and_mask, argv, tmp_path / "split", monkeypatch, stop_after_epoch=2)
 
     def load(name):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     assert load("split") == load("whole")
+    whole, split = (torch.load(tmp_path / name / "weights_final.pt") for name in ("whole", "split"))
+    assert all(torch.equal(whole[key], split[key]) for key in whole)
+
+
+def test_temporal_and_mask_adam_masks_and_reports_the_kept_fraction(tmp_path):
+    run_and_mask(SMALL + AND_MASK + ["--epochs", "2", "--output_dir", str(tmp_path)] + TEMPORAL)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["temporal_mask_density"] < 1 for r in records[:2])
+    flags = json.loads((tmp_path / "config.json").read_text())["flags"]
+    assert (flags["optimizer"], flags["beta3"], flags["temporal_threshold"]) == ("temporal_and_mask_adam", 0.9, 0.6)
+
+
+def test_one_environment_per_step():
+    parser = cli.build_parser(synthetic, AND_MASK_FLAGS, "and_mask")
+    args = parser.parse_args(SMALL + AND_MASK + ["--envs_per_step", "1"])  # the alias of --n_agreement_envs
+    assert args.n_agreement_envs == 1
+    setup = synthetic.build(args, torch.device("cpu"))
+    batches = list(setup.train_batches(1))
+    assert len(batches) == setup.steps_per_epoch == 64 // 16 * 4
+    assert all(n_envs == 1 and len(x) == 16 for x, _, n_envs, _ in batches)
+    assert sorted(ids[0] for _, _, _, ids in batches[:4]) == [0, 1, 2, 3]  # each environment once per cycle
 
 
 def test_resume_with_different_flags_is_refused(tmp_path, capsys):
@@ -129,6 +141,12 @@ def test_resume_with_different_flags_is_refused(tmp_path, capsys):
     (["--dropout_p", "1.0"], "[0, 1)"),
     (["--scale_grad_inverse_sparsity", "2"], "must be one of [0, 1]"),
     (["--method", "median"], "invalid choice"),
+    (["--optimizer", "temporal_and_mask_adam"], "needs --beta3 and --temporal_threshold"),
+    (["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9"], "needs --temporal_threshold"),
+    (["--beta3", "0.9"], "belong to --optimizer temporal_and_mask_adam"),
+    (["--optimizer", "temporal_and_mask_adam", "--beta3", "1", "--temporal_threshold", "0.5"], "[0, 1)"),
+    (["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9", "--temporal_threshold", "1.5"], "[0, 1]"),
+    (["--optimizer", "adam_flexible_weight_decay"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line_argparse_errors(bad, message, capsys):
     argv = SMALL + AND_MASK + ["--epochs", "1"]

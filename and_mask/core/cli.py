@@ -1,7 +1,9 @@
 """Command-line plumbing shared by every `run_*` module of both packages.
 
 An experiment module provides NAME, `add_flags(parser, package)`, `check(args, parser)` and
-`build(args, device) -> TrainSetup`; a package provides the MethodFlags that pick the combiner.
+`build(args, device) -> TrainSetup`, and `check_objective(args, objective) -> error or None` if
+training objectives (IRM, V-REx, DANN) apply to it; a package provides the MethodFlags that pick
+the method (a combiner or an objective).
 `main` parses, validates (argparse errors, never tracebacks), seeds, trains and reports.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runlog import RunLog, default_output_dir
 from and_mask.core.errors import RunError
@@ -187,8 +190,15 @@ def build_parser(experiment, method_flags, package: str) -> argparse.ArgumentPar
 def main(experiment, method_flags, package: str, argv=None) -> dict:
     parser = build_parser(experiment, method_flags, package)
     args = parser.parse_args(argv)
-    combiner, hparams = method_flags.resolve(args, parser)
+    method, hparams = method_flags.resolve(args, parser)
     experiment.check(args, parser)
+    if isinstance(method, Objective):
+        check = getattr(experiment, "check_objective", None)
+        problem = check(args, method) if check else (
+            f"--method {method.name} is a training objective over environments, which the {experiment.NAME} "
+            "experiment does not have (every example is its own environment)")
+        if problem:
+            parser.error(problem)
     if args.resume and args.output_dir is None:
         parser.error("--resume needs the --output_dir of the run to continue")
     device = resolve_device(parser, args.use_cuda)
@@ -198,7 +208,7 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
     try:
         runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
         setup = experiment.build(args, device)
-        trainer = Trainer(setup, combiner, hparams, runlog, device, engine=args.grad_engine,
+        trainer = Trainer(setup, method, hparams, runlog, device, engine=args.grad_engine,
                           chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
                           l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
         final = trainer.run(resume=args.resume)
@@ -222,8 +232,12 @@ def rebuild(run_dir, device="cpu", weights="weights_final.pt"):
     from and_mask.core.runlog import read_config
 
     config = read_config(run_dir)
-    args = argparse.Namespace(**config["flags"])
     experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
+    # Flags added after the run was made take their defaults.
+    parser = argparse.ArgumentParser()
+    experiment.add_flags(parser, config["package"])
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    args = argparse.Namespace(**{**defaults, **config["flags"]})
     seed_everything(args.seed)
     setup = experiment.build(args, torch.device(device))
     setup.model.load_state_dict(torch.load(Path(run_dir) / weights, map_location=device))

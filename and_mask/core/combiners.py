@@ -164,35 +164,47 @@ class MethodFlags:
     A flag shared by several combiners (e.g. --agreement_threshold) is declared once.
     """
 
-    def __init__(self, registry: CombinerRegistry, required: bool = False, default_method: str | None = None):
+    def __init__(self, registry: CombinerRegistry, required: bool = False, default_method: str | None = None,
+                 objectives: dict | None = None):
         self.registry = registry
         self.required = required
         self.default_method = default_method
+        # Training objectives (`and_mask.core.objectives`): a second kind of method, same name space.
+        self.objectives = objectives if objectives is not None else {}
+
+    def entry(self, name: str):
+        """The Combiner or Objective called `name`."""
+        return self.objectives[name] if name in self.objectives else self.registry[name]
 
     def add_flags(self, parser: argparse.ArgumentParser):
         from and_mask.core.cli import finite_float  # not at the top: cli imports the loop, which imports this module
 
-        names = sorted(self.registry)
+        clashes = set(self.registry) & set(self.objectives)
+        if clashes:
+            raise ValueError(f"names registered both as combiner and as objective: {', '.join(sorted(clashes))}")
+        names = sorted([*self.registry, *self.objectives])
         group = parser.add_argument_group("gradient combination")
         group.add_argument("--method", choices=names, required=self.default_method is None,
-                           default=self.default_method, help="The rule that combines the per-environment gradients. "
-                           + " ".join(f"{n}: {self.registry[n].summary.rstrip('.')}." for n in names))
+                           default=self.default_method, help="The rule that combines the per-environment gradients "
+                           "(a combiner) or the training objective. "
+                           + " ".join(f"{n}: {self.entry(n).summary.rstrip('.')}." for n in names))
         declared = {}
         for name in names:
-            for hp in self.registry[name].hparams:
+            for hp in self.entry(name).hparams:
                 declared.setdefault(hp.name, (hp, []))[1].append(name)
         for flag, (hp, users) in declared.items():
-            helps = dict.fromkeys(h.help for u in users for h in self.registry[u].hparams if h.name == flag)
+            helps = dict.fromkeys(h.help for u in users for h in self.entry(u).hparams if h.name == flag)
             text = f"{' '.join(helps)} Used by {', '.join(users)}."
             if not self.required:
                 text += " Default: the chosen method's own value (" + ", ".join(
-                    f"{u} {self.registry[u].defaults()[flag]}" for u in users) + ")."
+                    f"{u} {self.entry(u).defaults()[flag]}" for u in users) + ")."
             group.add_argument(f"--{flag}", type=finite_float if hp.type is float else hp.type,
                                required=self.required, default=None, help=text)
         self._declared = declared
 
-    def resolve(self, args, parser) -> tuple[Combiner, dict]:
-        combiner = self.registry[args.method]
+    def resolve(self, args, parser) -> tuple:
+        """(the Combiner or Objective named by --method, its hyper-parameters)."""
+        combiner = self.entry(args.method)
         hparams = {}
         for hp in combiner.hparams:
             value = getattr(args, hp.name)

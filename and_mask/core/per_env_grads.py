@@ -72,7 +72,8 @@ class OuterProducts:
         return torch.einsum("no,ni->noi", self.output_grads, self.inputs)
 
 
-def _split_envs(tensor: torch.Tensor, n_envs: int) -> torch.Tensor:
+def split_envs(tensor: torch.Tensor, n_envs: int) -> torch.Tensor:
+    """(E·B, ...) stacked env after env → (E, B, ...), as the original: `view(E, B, -1).squeeze(-1)`."""
     if tensor.shape[0] % n_envs:
         raise ValueError(f"a batch of {tensor.shape[0]} examples cannot be split into {n_envs} environments")
     return tensor.reshape(n_envs, tensor.shape[0] // n_envs, -1).squeeze(-1)
@@ -116,7 +117,7 @@ def resolve_engine(model: nn.Module, engine: str, n_examples: int | None = None,
 
 def env_losses_from_output(output, target, loss_fn, n_envs):
     """(E,) tensor of per-environment mean losses of a stacked output (keeps the graph)."""
-    outputs, targets = _split_envs(output, n_envs), _split_envs(target, n_envs)
+    outputs, targets = split_envs(output, n_envs), split_envs(target, n_envs)
     return torch.stack([loss_fn(o, t) for o, t in zip(outputs, targets)])
 
 

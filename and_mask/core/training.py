@@ -3,12 +3,16 @@
 Per epoch: evaluate every evaluation set first (the original's "probe"), then train. Each
 training step forwards a batch of E environments stacked env after env, computes the
 per-environment gradients, combines them with the chosen combiner, writes `param.grad`, adds
-l1_coef·sign(θ) and l2_coef·θ if asked, and steps the optimiser. After the last epoch the
-evaluation sets are measured once more (phase "final"). Every record goes to metrics.jsonl at once.
+l1_coef·sign(θ) and l2_coef·θ if asked, and steps the optimiser. With a training objective
+(`and_mask.core.objectives`) instead of a combiner, the step is one ordinary backward pass of the
+objective's loss. After the last epoch the evaluation sets are measured once more (phase
+"final"). Every record goes to metrics.jsonl at once.
 """
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -16,8 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from and_mask.core.combiners import Combiner, apply_combiner
+from and_mask.core.combiners import apply_combiner
 from and_mask.core.errors import NonFiniteLossError, RunError
+from and_mask.core.objectives import Objective, ObjectiveContext, captured_features, final_linear, objective_loss
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
 from and_mask.core.per_env_hvp import env_hvp, hvp_unsupported
 from and_mask.core.runlog import RunLog
@@ -30,7 +35,9 @@ class TrainSetup:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss_fn: Callable
-    # train_batches(epoch) yields (inputs, target, n_envs) with the environments stacked.
+    # train_batches(epoch) yields (inputs, target, n_envs) with the environments stacked, or
+    # (inputs, target, n_envs, env_ids) where env_ids names the training environment (an index
+    # into env_loaders) of each block; objectives that tell environments apart (DANN) need it.
     train_batches: Callable[[int], Iterable]
     eval_loaders: dict
     epochs: int
@@ -74,45 +81,77 @@ def evaluate(model, loaders: dict, loss_fn, device) -> dict:
 
 
 class Trainer:
-    def __init__(self, setup: TrainSetup, combiner: Combiner, hparams: dict, runlog: RunLog, device,
+    """Trains `setup.model` with `method`: a Combiner of per-environment gradients or an Objective."""
+
+    def __init__(self, setup: TrainSetup, method, hparams: dict, runlog: RunLog, device,
                  engine: str = "auto", chunk_size: int | None = None, l1_coef: float = 0.0, quiet: bool = False,
                  l2_coef: float = 0.0):
-        self.setup, self.combiner, self.hparams, self.runlog = setup, combiner, hparams, runlog
+        self.setup, self.method, self.hparams, self.runlog = setup, method, hparams, runlog
         self.device, self.engine, self.chunk_size, self.l1_coef, self.quiet = device, engine, chunk_size, l1_coef, quiet
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
-        self.plain = combiner.reduces_to_mean(**hparams)
+        self.objective = self._build_objective() if isinstance(method, Objective) else None
+        self.plain = self.objective is None and method.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
-        problem = hvp_unsupported(setup.model) if combiner.needs_hvp and not self.plain else None
+        needs_hvp = self.objective is None and method.needs_hvp and not self.plain
+        problem = hvp_unsupported(setup.model) if needs_hvp else None
         if problem:
-            raise RunError(f"--method {combiner.name}: {problem}")
+            raise RunError(f"--method {method.name}: {problem}")
 
-    def _step(self, inputs, target, n_envs):
+    def _build_objective(self):
+        """The run's ObjectiveModule; its own parameters join the optimiser as a new parameter group."""
+        setup, method = self.setup, self.method
+        total_steps = setup.epochs * setup.steps_per_epoch if setup.steps_per_epoch else None
+        context = ObjectiveContext(loss_fn=setup.loss_fn, n_train_envs=len(setup.env_loaders),
+                                   n_features=final_linear(setup.model).in_features if method.needs_features else None,
+                                   total_steps=total_steps)
+        objective = method.build(self.hparams, context).to(self.device)
+        extra = [p for p in objective.parameters() if p.requires_grad]
+        if extra:  # the group takes the optimiser's defaults (learning rate, decay) and its schedule
+            setup.optimizer.add_param_group({"params": extra})
+        return objective
+
+    def _objective_step(self, inputs, target, n_envs, env_ids):
+        if self.method.needs_env_ids and env_ids is None:
+            raise RunError(f"--method {self.method.name} needs to know the environment of each example, which this "
+                           "experiment's batches do not say")
+        features = captured_features(self.setup.model) if self.method.needs_features else nullcontext({})
+        with features as captured:
+            output = self.setup.model(inputs)
+        loss, risk, diagnostics = objective_loss(self.objective, output, target, n_envs, captured.get("features"),
+                                                 env_ids)
+        loss.backward()
+        return output.detach(), risk.detach(), {"objective": loss.detach(), **diagnostics}
+
+    def _step(self, inputs, target, n_envs, env_ids=None):
         model, params = self.setup.model, [p for _, p in self.named_params]
         self.setup.optimizer.zero_grad(set_to_none=True)
-        if self.plain:
+        masks, diagnostics = None, {}
+        if self.objective is not None:
+            output, loss, diagnostics = self._objective_step(inputs, target, n_envs, env_ids)
+        elif self.plain:
             output = model(inputs)
             loss = env_losses_from_output(output, target, self.setup.loss_fn, n_envs).mean()
             loss.backward()
-            output, masks = output.detach(), None
+            output = output.detach()
             loss = loss.detach()
         else:
             result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size,
                                    accepts_outer=True)
             # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
             hvp = (env_hvp(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size)
-                   if self.combiner.needs_hvp else None)
-            combined, diagnostics = apply_combiner(self.combiner, result.grads, self.hparams, hvp)
+                   if self.method.needs_hvp else None)
+            combined, per_tensor = apply_combiner(self.method, result.grads, self.hparams, hvp)
             for p, g in zip(params, combined):
                 p.grad = g
             output, loss = result.output, result.env_losses.mean()
-            masks = [d.get("mask") for d in diagnostics]
+            masks = [d.get("mask") for d in per_tensor]
         if self.l1_coef > 0:
             for p in params:
                 p.grad.add_(torch.sign(p.detach()), alpha=self.l1_coef)
         if self.l2_coef > 0:  # the gradient of ½·l2_coef·‖θ‖², added after combining (never masked)
             for p in params:
                 p.grad.add_(p.detach(), alpha=self.l2_coef)
-        return output, loss, masks
+        return output, loss, masks, diagnostics
 
     def train_epoch(self, epoch: int) -> dict:
         setup = self.setup
@@ -120,15 +159,20 @@ class Trainer:
         lr = setup.optimizer.param_groups[0]["lr"]
         loss_sum, correct, count, steps = 0.0, 0, 0, 0
         density = [torch.zeros((), device=self.device) for _ in self.named_params]
+        objective_sums = {}
         bar = tqdm(setup.train_batches(epoch), total=setup.steps_per_epoch, desc=f"epoch {epoch}", leave=False,
                    disable=self.quiet)
-        for inputs, target, n_envs in bar:
+        for inputs, target, n_envs, *env_ids in bar:
             inputs, target = inputs.to(self.device), target.to(self.device)
-            output, loss, masks = self._step(inputs, target, n_envs)
+            output, loss, masks, diagnostics = self._step(inputs, target, n_envs, *env_ids)
             loss_value = float(loss)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite training loss ({loss_value}) at epoch {epoch}, step {steps + 1}; "
+            values = {key: float(value) for key, value in diagnostics.items()}
+            if not (math.isfinite(loss_value) and math.isfinite(values.get("objective", 0.0))):
+                raise NonFiniteLossError(f"non-finite training loss ({loss_value}, objective "
+                                         f"{values.get('objective')}) at epoch {epoch}, step {steps + 1}; "
                                          f"metrics so far are in {self.runlog.dir}")
+            for key, value in values.items():
+                objective_sums[key] = objective_sums.get(key, 0.0) + value
             setup.optimizer.step()
             if setup.scheduler is not None and setup.scheduler_interval == "step":
                 setup.scheduler.step()
@@ -146,14 +190,19 @@ class Trainer:
             raise RunError(f"epoch {epoch} had no training step: the batch size is larger than an environment")
         if setup.scheduler is not None and setup.scheduler_interval == "epoch":
             setup.scheduler.step()
-        return {"train_loss": loss_sum / steps, "train_acc": correct / count, "steps": steps,
-                "lr": lr,
-                "mask_density": {n: float(d) / steps for (n, _), d in zip(self.named_params, density)}}
+        record = {"train_loss": loss_sum / steps, "train_acc": correct / count, "steps": steps, "lr": lr,
+                  "mask_density": {n: float(d) / steps for (n, _), d in zip(self.named_params, density)}}
+        if self.objective is not None:  # the objective's terms, averaged over the epoch's steps
+            record["objective_terms"] = {key: value / steps for key, value in objective_sums.items()}
+        if hasattr(setup.optimizer, "pop_kept_fraction"):  # temporal AND-mask Adam
+            record["temporal_mask_density"] = setup.optimizer.pop_kept_fraction()
+        return record
 
     def _checkpoint(self, epoch):
         s = self.setup
         self.runlog.save_checkpoint({"epoch": epoch, "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-                                     "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None})
+                                     "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None,
+                                     "objective": self.objective.state_dict() if self.objective is not None else None})
 
     def _restore(self) -> int:
         state = self.runlog.load_checkpoint(self.device)
@@ -162,6 +211,8 @@ class Trainer:
         s = self.setup
         s.model.load_state_dict(state["model"])
         s.optimizer.load_state_dict(state["optimizer"])
+        if self.objective is not None:
+            self.objective.load_state_dict(state["objective"])
         if s.scheduler is not None:
             s.scheduler.load_state_dict(state["scheduler"])
         self.runlog.truncate_metrics(state["epoch"])

@@ -21,15 +21,16 @@ def env_group_batches(loaders, group_size, rng=np.random):
     """One epoch of training batches drawn from groups of environments.
 
     Each step takes the next batch of every loader in the current group (groups come from
-    `permutation_groups`) and yields (inputs, target, n_envs) with the environments stacked env
-    after env. The epoch ends at the first exhausted loader, as in the original code.
+    `permutation_groups`) and yields (inputs, target, n_envs, env_ids) with the environments
+    stacked env after env; env_ids are the indices of the group's loaders. The epoch ends at the
+    first exhausted loader, as in the original code.
     """
     iterators = [iter(loader) for loader in loaders]
-    groups = permutation_groups(iterators, group_size, rng)
+    groups = permutation_groups(range(len(loaders)), group_size, rng)
     while True:
         group = next(groups)
         try:
-            batches = [next(it) for it in group]
+            batches = [next(iterators[i]) for i in group]
         except StopIteration:
             return
-        yield torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), group_size
+        yield torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), group_size, tuple(group)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
 from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
-from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
+from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data
 from and_mask.models import FastResnet
@@ -50,13 +50,18 @@ def add_flags(parser, package):
                        help="Adam's learning rate, multiplied by 0.1 after 3/4 of all iterations.")
     train.add_argument("--weight_decay", type=non_negative_float, required=True,
                        help="Weight decay coefficient, applied as --weight_decay_order says.")
-    train.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
-                       help="before: L2 added to the gradient before Adam's moments; after: decoupled decay.")
+    train.add_argument("--envs_per_step", type=positive_int, default=None,
+                       help="Not available here: every example of a batch is its own environment, so a step "
+                            "cannot take its batch from one environment. Default: unset (given, it is refused).")
+    add_optimizer_flags(train, "adam_flexible_weight_decay")
 
 
 def check(args, parser):
     if args.train_subset is not None and args.batch_size > args.train_subset:
         parser.error(f"--batch_size ({args.batch_size}) exceeds --train_subset ({args.train_subset})")
+    if args.envs_per_step is not None:
+        parser.error("--envs_per_step is not available for cifar: every example of a batch is its own environment")
+    check_optimizer_flags(args, parser)
 
 
 def build(args, device) -> TrainSetup:
@@ -69,8 +74,7 @@ def build(args, device) -> TrainSetup:
     train_loader, eval_loaders = make_loaders(data, args.batch_size, args.num_workers)
     steps_per_epoch = len(train_loader)
     model = FastResnet().to(device)
-    optimizer = AdamFlexibleWeightDecay(model.parameters(), lr=args.init_lr, weight_decay=args.weight_decay,
-                                        weight_decay_order=args.weight_decay_order)
+    optimizer = make_optimizer(args, model.parameters(), args.init_lr, args.weight_decay)
     # Stepped once per iteration: the learning rate drops after 3/4 of all training steps.
     scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps_per_epoch // 4], gamma=0.1)
 

@@ -6,7 +6,8 @@ of the time, and a test environment where it agrees 10 % of the time (see
 training set and ≈ 10 % on test. Agreement environments (--agreement_envs):
 - ``example`` (the original): the batch of --batch_size examples is drawn from both training
   environments pooled, and every example is its own environment (E = batch_size, B = 1);
-- ``color``: each step takes --batch_size examples from each colour environment (E = 2).
+- ``color``: each step takes --batch_size examples from each colour environment (E = 2), or with
+  --envs_per_step 1 from one of them, the two taking turns in random order.
 Evaluation sets: ``train_eval`` (the whole training set with the labels it is trained on),
 ``relabelled`` (the examples given random labels, when --random_labels_fraction > 0), ``test``.
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
 from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int, probability
-from and_mask.core.optim import WEIGHT_DECAY_ORDERS, AdamFlexibleWeightDecay
+from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.colored_mnist import PROTOCOLS, ColoredImages, batch_loader, prepared, relabel
 from and_mask.datasets.common import env_group_batches
@@ -46,13 +47,14 @@ def add_flags(parser, package):
                        help="Adam's learning rate, multiplied by 0.1 after 3/4 of all iterations.")
     group.add_argument("--weight_decay", type=non_negative_float, required=True,
                        help="Weight decay coefficient wd, applied as --weight_decay_order says.")
-    group.add_argument("--weight_decay_order", choices=WEIGHT_DECAY_ORDERS, default="before",
-                       help="before: wd·θ is added to the gradient before Adam; after: decoupled, applied after the "
-                            "step.")
+    add_optimizer_flags(group, "adam_flexible_weight_decay")
     group.add_argument("--random_labels_fraction", type=fraction, required=True,
                        help="Fraction of training examples whose label is replaced by a uniform one in {0, 1}.")
     group.add_argument("--batch_size", type=positive_int, default=100,
                        help="Examples per step (--agreement_envs example) or per colour environment per step (color).")
+    group.add_argument("--envs_per_step", type=int, choices=[1, 2], default=None,
+                       help="Colour environments per step with --agreement_envs color (1: each step's batch from "
+                            "one environment). Default: both.")
     group.add_argument("--epochs", type=positive_int, default=15, help="Training epochs.")
     group.add_argument("--batch_norm", type=int, choices=[0, 1], default=0,
                        help="1: BatchNorm after every hidden Linear layer; 0: none.")
@@ -77,6 +79,20 @@ def check(args, parser):
     n_inputs = PROTOCOLS[args.protocol].n_inputs
     if args.n_dims is not None and args.n_dims != n_inputs:
         parser.error(f"--n_dims {args.n_dims} does not match --protocol {args.protocol} (inputs of size {n_inputs})")
+    if args.envs_per_step is not None and args.agreement_envs == "example":
+        parser.error("--envs_per_step needs --agreement_envs color: with example environments every example is an "
+                     "environment")
+    check_optimizer_flags(args, parser)
+
+
+def check_objective(args, objective) -> str | None:
+    """Objectives apply to the two colour environments, not to per-example environments."""
+    if args.agreement_envs == "example":
+        return (f"--method {objective.name} needs --agreement_envs color: with example environments every example "
+                "is its own environment")
+    if objective.needs_features and args.n_hidden_layers == 0:
+        return f"--method {objective.name} needs features: a model with --n_hidden_layers >= 1"
+    return objective.check_envs_per_step(args.envs_per_step or 2)
 
 
 def loss_for(n_outputs):
@@ -105,8 +121,9 @@ def build(args, device) -> TrainSetup:
 
     env_loaders = [batch_loader(s, args.batch_size, True, args.num_workers) for s in env_sets]
     if args.agreement_envs == "color":
-        steps = min(len(s) for s in env_sets) // args.batch_size
-        train_batches = lambda epoch: env_group_batches(env_loaders, 2)  # noqa: E731
+        envs_per_step = args.envs_per_step or 2
+        steps = min(len(s) for s in env_sets) // args.batch_size * (2 // envs_per_step)
+        train_batches = lambda epoch: env_group_batches(env_loaders, envs_per_step)  # noqa: E731
     else:
         steps = len(train_set) // args.batch_size
         pooled = batch_loader(train_set, args.batch_size, True, args.num_workers)
@@ -114,8 +131,7 @@ def build(args, device) -> TrainSetup:
 
     model = MLP(PROTOCOLS[args.protocol].n_inputs, args.n_hidden_units, args.n_hidden_layers, args.n_outputs,
                 bool(args.batch_norm), args.dropout_p).to(device)
-    optimizer = AdamFlexibleWeightDecay(model.parameters(), lr=args.init_lr, weight_decay=args.weight_decay,
-                                        weight_decay_order=args.weight_decay_order)
+    optimizer = make_optimizer(args, model.parameters(), args.init_lr, args.weight_decay)
     scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps // 4], gamma=0.1)
     return TrainSetup(model=model, optimizer=optimizer, loss_fn=loss_for(args.n_outputs), train_batches=train_batches,
                       eval_loaders=eval_loaders, epochs=args.epochs, scheduler=scheduler, scheduler_interval="step",

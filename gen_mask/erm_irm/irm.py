@@ -16,7 +16,8 @@ Schedule (the IRM reference code and Ahuja et al., ICLR 2021): with λ the chose
     weight(step) = 1 for step < anneal_steps (190), else λ,
     loss = mean_e R_e + l2 · ‖θ‖² + weight · mean_e P_e,   divided by weight when weight > 1,
 
-so that after the warm-up the gradients keep the scale of the warm-up's.
+so that after the warm-up the gradients keep the scale of the warm-up's. The same functions
+serve the benchmark (`fit`) and the `irm` method of the training loop (`gen_mask.baselines`).
 """
 from __future__ import annotations
 
@@ -26,14 +27,17 @@ PENALTY_WEIGHTS = (1e4, 3.3e4, 6.6e4, 1e5)  # the candidates λ, one chosen on v
 ANNEAL_STEPS = 190
 
 
-def irmv1_penalty(output: torch.Tensor, target: torch.Tensor, risk) -> torch.Tensor:
+def irmv1_penalty(output: torch.Tensor, target: torch.Tensor, risk, scale_shape=None) -> torch.Tensor:
     """P_e for one environment: the squared derivative of the risk w.r.t. a dummy scale at 1.
 
     `output` is (B, *M): B examples of M independent models fitted together (M may be empty);
     `risk(output, target)` returns the (*M) mean risks over the B examples. Returns (*M)
-    penalties, differentiable w.r.t. the models' parameters.
+    penalties, differentiable w.r.t. the models' parameters. `scale_shape` overrides the shape
+    (*M) of the dummy scale: () for one model with several logits per example, (B, C), whose
+    logits are all multiplied by the one scalar (IRMv1's w · Φ for a C-class classifier).
     """
-    scale = torch.ones(output.shape[1:], dtype=output.dtype, device=output.device, requires_grad=True)
+    shape = output.shape[1:] if scale_shape is None else scale_shape
+    scale = torch.ones(shape, dtype=output.dtype, device=output.device, requires_grad=True)
     slope = torch.autograd.grad(risk(output * scale, target).sum(), scale, create_graph=True)[0]
     return slope.pow(2)
 
@@ -43,8 +47,12 @@ def penalty_weight(step: int, weights: torch.Tensor, anneal_steps: int = ANNEAL_
     return weights if step >= anneal_steps else torch.ones_like(weights)
 
 
+def annealed_objective(risk: torch.Tensor, penalty: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(risk + w · penalty) / max(w, 1): the IRM reference's rescaling, also V-REx's."""
+    return (risk + weight * penalty) / weight.clamp(min=1.0)
+
+
 def irm_objective(env_risks: torch.Tensor, env_penalties: torch.Tensor, weight: torch.Tensor,
                   l2_term=0.0) -> torch.Tensor:
     """(mean_e R_e + l2_term + w · mean_e P_e) / max(w, 1); env_* are (E, *M), w broadcasts to (*M)."""
-    loss = env_risks.mean(0) + l2_term + weight * env_penalties.mean(0)
-    return loss / weight.clamp(min=1.0)
+    return annealed_objective(env_risks.mean(0) + l2_term, env_penalties.mean(0), weight)

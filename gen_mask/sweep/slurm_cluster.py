@@ -27,7 +27,7 @@ from pathlib import Path
 from and_mask.core.cli import entry_parser
 from and_mask.core.errors import RunError
 
-DAEMONS = ("slurmd", "slurmctld", "munged")  # stopped in this order
+DAEMONS = ("slurmd", "slurmctld", "munged")
 NODE = "localhost"
 START_TIMEOUT_S = 60
 
@@ -132,8 +132,9 @@ def start(folder) -> dict:
 
 
 def stop(folder):
-    """Stop the daemons started in `folder` (by their pid files), waiting for each to exit."""
+    """Stop the daemons started in `folder` (by their pid files) and wait until they have exited."""
     folder = Path(folder)
+    stopping = []
     for daemon in DAEMONS:
         pid_file = folder / f"{daemon}.pid"
         try:
@@ -141,7 +142,9 @@ def stop(folder):
             os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError, IndexError):
             continue
-        deadline = time.time() + 30
+        stopping.append((pid, pid_file))
+    deadline = time.time() + 30
+    for pid, pid_file in stopping:
         while time.time() < deadline:
             try:
                 os.kill(pid, 0)

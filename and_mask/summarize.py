@@ -26,6 +26,11 @@ def mean_std(values, scale=100.0, digits=1):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def flag_value(value):
+    """A flag's value as written on the command line: a list (e.g. --lr_milestones) as comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
 def find_runs(paths) -> list[Path]:
     return sorted({config.parent for path in paths for config in Path(path).rglob(CONFIG)})
 
@@ -40,7 +45,7 @@ def summarize(run_dirs):
             unfinished.append(str(run))
             continue
         flags = read_config(run)["flags"]
-        key = tuple(sorted((k, v) for k, v in flags.items() if k not in IGNORED))
+        key = tuple(sorted((k, flag_value(v)) for k, v in flags.items() if k not in IGNORED))
         densities = list(epochs[-1]["mask_density"].values())
         numbers = {f"final {k[:-4]} acc (%)": v for k, v in records[-1].items() if k.endswith("_acc")}
         numbers.update({"last-epoch train acc (%)": epochs[-1]["train_acc"],

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, proper_fraction,
-                               seed_int)
+from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, positive_list,
+                               proper_fraction, seed_int)
 from and_mask.core.errors import RunError
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
@@ -28,19 +28,6 @@ DEFAULTS = {
                    trials=10, steps=1000, lr=4.9e-4,  # minibatches of --batch_size, MLP 390-390
                    l2=1.1e-3),
 }
-
-
-def positive_list(cast, what):
-    """argparse type: comma-separated values of the typed parser `cast`, sorted, without repeats."""
-    def parse(text):
-        try:
-            values = [cast(v) for v in text.split(",") if v]
-        except (ValueError, argparse.ArgumentTypeError):
-            values = []
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
-        return tuple(sorted(set(values)))
-    return parse
 
 
 int_list = positive_list(positive_int, "positive integers")

@@ -87,6 +87,24 @@ def test_learning_rate_drops_after_three_quarters_of_all_steps(data_path):
     assert lrs == pytest.approx([5e-4] * milestone + [5e-5] * (total - milestone))
 
 
+def test_lr_milestones_drop_the_learning_rate_after_those_epochs(data_path, tmp_path):
+    """The paper's schedule (×0.1 after epochs 40 and 60 of 80), shrunk: after epochs 1 and 2 of 3."""
+    argv = and_mask_argv(data_path, tmp_path, "--epochs", "3", "--lr_milestones", "2,1", "--agreement_threshold", "0")
+    cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
+    records = check_records(tmp_path, 3)
+    assert [r["lr"] for r in records[:3]] == pytest.approx([5e-4, 5e-5, 5e-6])
+    assert read_config(tmp_path)["flags"]["lr_milestones"] == [1, 2]
+
+
+@pytest.mark.parametrize("milestones, message", [("3", "must be below --epochs (3)"), ("0", "positive epochs, got 0"),
+                                                  ("1.5", "comma-separated positive epochs")])
+def test_bad_lr_milestones_are_argparse_errors(tmp_path, milestones, message, capsys):
+    argv = and_mask_argv(tmp_path, tmp_path / "run", "--epochs", "3", "--lr_milestones", milestones)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cifar, AND_MASK_FLAGS, "and_mask", argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(data_path, tmp_path, monkeypatch):
     uninterrupted = tmp_path / "uninterrupted"
     cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(data_path, uninterrupted, "--epochs", "3"))

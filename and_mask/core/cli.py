@@ -130,6 +130,37 @@ def proper_fraction(text):
     return value
 
 
+def positive_list(cast, what):
+    """argparse type: comma-separated values of the typed parser `cast`, sorted, without repeats (a tuple)."""
+    def parse(text):
+        try:
+            values = [cast(v) for v in text.split(",") if v]
+        except (ValueError, argparse.ArgumentTypeError):
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
+        return tuple(sorted(set(values)))
+    return parse
+
+
+def add_lr_milestones_flag(group, none_means: str):
+    """--lr_milestones: epochs after which the learning rate is multiplied by 0.1; `none_means` says what None does."""
+    group.add_argument("--lr_milestones", type=positive_list(positive_int, "positive epochs"), default=None,
+                       help="Comma-separated epochs after which the learning rate is multiplied by 0.1, each below "
+                            f"--epochs. Default: {none_means}")
+
+
+def check_lr_milestones(parser, args):
+    """Refuse a milestone at or after the last epoch (it would never apply); store them as a list,
+    so that config.json holds a JSON list that compares equal on --resume."""
+    if args.lr_milestones is None:
+        return
+    late = [m for m in args.lr_milestones if m >= args.epochs]
+    if late:
+        parser.error(f"--lr_milestones {','.join(map(str, late))} must be below --epochs ({args.epochs})")
+    args.lr_milestones = list(args.lr_milestones)
+
+
 def use_cuda_flag(text):
     if text not in ("0", "1", "auto"):
         raise argparse.ArgumentTypeError(f"must be 0, 1 or auto, got {text}")

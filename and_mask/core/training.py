@@ -5,8 +5,9 @@ training step forwards a batch of E environments stacked env after env, computes
 per-environment gradients, combines them with the chosen combiner, writes `param.grad`, adds
 l1_coef·sign(θ) and l2_coef·θ if asked, and steps the optimiser. With a training objective
 (`and_mask.core.objectives`) instead of a combiner, the step is one ordinary backward pass of the
-objective's loss. After the last epoch the evaluation sets are measured once more (phase
-"final"). Every record goes to metrics.jsonl at once.
+objective's loss. An experiment's stop rule may end training after any epoch (its reason goes into
+the final record as "stopped_early"). After the last epoch the evaluation sets are measured once
+more (phase "final"). Every record goes to metrics.jsonl at once.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class TrainSetup:
     # Each training environment as its own loader, for per-environment analysis (loss landscapes).
     env_loaders: list = field(default_factory=list)
     extra_metrics: Callable[[nn.Module], dict] = field(default=lambda model: {})
+    # stop_rule(epoch record) -> None to go on, or a one-line reason to stop training after that epoch.
+    stop_rule: Callable[[dict], str | None] | None = None
 
 
 def _flat_output(output: torch.Tensor) -> torch.Tensor:
@@ -218,14 +221,20 @@ class Trainer:
         self.runlog.truncate_metrics(state["epoch"])
         return state["epoch"] + 1
 
+    def _stop_reason(self, record: dict) -> str | None:
+        return self.setup.stop_rule(record) if self.setup.stop_rule is not None else None
+
     def run(self, resume: bool = False) -> dict:
         setup = self.setup
         start = self._restore() if resume else 1
         if start == 1:
             self.runlog.truncate_metrics(0)
             self.runlog.save_weights(setup.model, "weights_init.pt")
-        epochs = tqdm(range(start, setup.epochs + 1), desc="training", disable=self.quiet, initial=start - 1,
-                      total=setup.epochs)
+        epoch_records = [r for r in self.runlog.records() if r.get("phase") == "epoch"]
+        # A resumed run that had already met its stop rule goes straight to the final evaluation.
+        reason = self._stop_reason(epoch_records[-1]) if epoch_records else None
+        remaining = range(start, setup.epochs + 1) if reason is None else range(0)
+        epochs = tqdm(remaining, desc="training", disable=self.quiet, initial=start - 1, total=setup.epochs)
         for epoch in epochs:
             started = time.time()
             record = {"epoch": epoch, "phase": "epoch"}
@@ -237,11 +246,18 @@ class Trainer:
             self._checkpoint(epoch)
             if not self.quiet:
                 epochs.write(format_record(record))
-        final = {"epoch": setup.epochs, "phase": "final"}
+            reason = self._stop_reason(record)
+            if reason is not None:
+                break
+        last_epoch = [r for r in self.runlog.records() if r.get("phase") == "epoch"][-1]
+        final = {"epoch": last_epoch["epoch"], "phase": "final"}
         final.update(evaluate(setup.model, setup.eval_loaders, setup.loss_fn, self.device))
+        if reason is not None:
+            final["stopped_early"] = reason
+            if not self.quiet:
+                print(f"stopped after epoch {last_epoch['epoch']}: {reason}")
         self.runlog.log(final)
         self.runlog.save_weights(setup.model, "weights_final.pt")
-        last_epoch = [r for r in self.runlog.records() if r.get("phase") == "epoch"][-1]
         # The summary also reports the last epoch's running training loss and accuracy.
         return {**final, "train_loss": last_epoch["train_loss"], "train_acc": last_epoch["train_acc"]}
 

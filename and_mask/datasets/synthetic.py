@@ -12,18 +12,20 @@ from torch.utils.data import DataLoader, TensorDataset
 TEST_SEED = 2 ** 32 - 1
 
 
-def get_spirals_dataset(n_examples, n_rotations, env, n_envs, n_dims_signatures, seed=None):
+def get_spirals_dataset(n_examples, n_rotations, env, n_envs, n_dims_signatures, seed=None, signature_std=1.0):
     """Return (inputs float32 (n, 2 + n_dims), labels float32 (n,)) for env 0..n_envs-1 or "test".
 
     numpy RandomState(seed) draws, in this order: the signature matrix S (n_envs, n_dims);
     radii r ~ U(0.08, 1); labels y ~ randint(0, 2); radius noise U(-0.02, 0.02); and, for the
     test env only, random signatures. Angles are 2·n_rotations·π·r + π·y. The two spiral
-    coordinates are divided by their per-column standard deviation.
+    coordinates are divided by their per-column standard deviation. Signatures (S and the test
+    env's) are standard normal draws times `signature_std`: S_e,i ~ N(0, signature_std²); the
+    original code's 1 leaves the draws untouched.
     """
     if not (env == "test" or 0 <= int(env) < n_envs):
         raise ValueError(f"env must be 'test' or an int in [0, {n_envs}), got {env!r}")
     rng = np.random.RandomState(seed)
-    signatures_matrix = rng.randn(n_envs, n_dims_signatures)
+    signatures_matrix = rng.randn(n_envs, n_dims_signatures) * signature_std
     radii = rng.uniform(0.08, 1, n_examples)
     angles = 2 * n_rotations * np.pi * radii
     labels = rng.randint(0, 2, n_examples)
@@ -31,7 +33,7 @@ def get_spirals_dataset(n_examples, n_rotations, env, n_envs, n_dims_signatures,
     radii += rng.uniform(-0.02, 0.02, n_examples)
     spiral = np.stack((np.cos(angles) * radii, np.sin(angles) * radii), axis=1)
     if env == "test":
-        signatures = rng.randn(n_examples, n_dims_signatures)
+        signatures = rng.randn(n_examples, n_dims_signatures) * signature_std
     else:
         signatures = signatures_matrix[int(env)] * (labels * 2 - 1).reshape(-1, 1)
     spiral /= spiral.std(axis=0)
@@ -39,15 +41,17 @@ def get_spirals_dataset(n_examples, n_rotations, env, n_envs, n_dims_signatures,
     return inputs.astype(np.float32), labels.astype(np.float32)
 
 
-def make_loader(n_examples, env, n_envs, n_revolutions, n_dims, batch_size, seed, train=True):
-    inputs, labels = get_spirals_dataset(n_examples, n_revolutions, env, n_envs, n_dims, seed=seed)
+def make_loader(n_examples, env, n_envs, n_revolutions, n_dims, batch_size, seed, train=True, signature_std=1.0):
+    inputs, labels = get_spirals_dataset(n_examples, n_revolutions, env, n_envs, n_dims, seed=seed,
+                                         signature_std=signature_std)
     dataset = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(labels))
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train)
 
 
-def make_loaders(examples_per_env, n_test, n_envs, n_revolutions, n_dims, batch_size, seed):
+def make_loaders(examples_per_env, n_test, n_envs, n_revolutions, n_dims, batch_size, seed, signature_std=1.0):
     """Training loaders (env e uses seed + e; shuffled, drop_last) and the test loader."""
-    train = [make_loader(examples_per_env, env, n_envs, n_revolutions, n_dims, batch_size, seed + env)
-             for env in range(n_envs)]
-    test = make_loader(n_test, "test", n_envs, n_revolutions, n_dims, 1000, TEST_SEED, train=False)
+    train = [make_loader(examples_per_env, env, n_envs, n_revolutions, n_dims, batch_size, seed + env,
+                         signature_std=signature_std) for env in range(n_envs)]
+    test = make_loader(n_test, "test", n_envs, n_revolutions, n_dims, 1000, TEST_SEED, train=False,
+                       signature_std=signature_std)
     return train, test

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from and_mask.core.cli import (add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
+                               non_negative_int, positive_float, positive_int)
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data
@@ -47,7 +48,9 @@ def add_flags(parser, package):
                        help="Examples per step; with τ > 0 each is its own environment.")
     train.add_argument("--epochs", type=positive_int, default=80, help="Training epochs.")
     train.add_argument("--init_lr", type=positive_float, required=True,
-                       help="Adam's learning rate, multiplied by 0.1 after 3/4 of all iterations.")
+                       help="Adam's learning rate at the start (see --lr_milestones).")
+    add_lr_milestones_flag(train, "after 3/4 of all iterations, as in the original code (the paper: 40,60 of 80 "
+                                  "epochs).")
     train.add_argument("--weight_decay", type=non_negative_float, required=True,
                        help="Weight decay coefficient, applied as --weight_decay_order says.")
     train.add_argument("--envs_per_step", type=positive_int, default=None,
@@ -62,6 +65,7 @@ def check(args, parser):
     if args.envs_per_step is not None:
         parser.error("--envs_per_step is not available for cifar: every example of a batch is its own environment")
     check_optimizer_flags(args, parser)
+    check_lr_milestones(parser, args)
 
 
 def build(args, device) -> TrainSetup:
@@ -75,8 +79,12 @@ def build(args, device) -> TrainSetup:
     steps_per_epoch = len(train_loader)
     model = FastResnet().to(device)
     optimizer = make_optimizer(args, model.parameters(), args.init_lr, args.weight_decay)
-    # Stepped once per iteration: the learning rate drops after 3/4 of all training steps.
-    scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps_per_epoch // 4], gamma=0.1)
+    # Stepped once per iteration: the learning rate drops after 3/4 of all training steps, or after
+    # each epoch of --lr_milestones.
+    milestones = getattr(args, "lr_milestones", None)
+    milestones = ([3 * args.epochs * steps_per_epoch // 4] if milestones is None
+                  else [m * steps_per_epoch for m in milestones])
+    scheduler = MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
     def train_batches(epoch):
         # Every example is its own environment (E = batch size, one example each). For an

@@ -263,9 +263,9 @@ grid = { methods = ["erm"] }
     assert set(states(out).values()) == {"finished"}
 
 
-@pytest.mark.parametrize("example", sorted((ROOT / "gen_mask" / "sweep" / "examples").glob("*.toml")),
+@pytest.mark.parametrize("example", sorted((ROOT / "gen_mask" / "sweeps").glob("*.toml")),
                          ids=lambda path: path.name)
-def test_example_sweeps_pass_their_modules_flag_checks(example, tmp_path, capsys):
+def test_committed_sweep_files_pass_their_modules_flag_checks(example, tmp_path, capsys):
     assert sweep(example, "--out", tmp_path / "sweep", "--launcher", "dry") == 0
     assert len(capsys.readouterr().out.splitlines()) == len(expand(load_spec(example))) > 1
 

@@ -139,6 +139,13 @@ def test_several_tasks_with_shared_defaults(tmp_path):
     assert "--n_train" in sem[0].args and sem[0].grid == {"method": "mean", "methods": "erm", "n_train": 50}
 
 
+def test_tasks_take_the_top_level_module_and_any_one_line_name():
+    tasks = parse_spec({"module": "m", "seeds": [0], "flags": {"a": 1},
+                        "task": [{"name": "averaging, L2", "flags": {"b": 2}}, {"name": "other", "module": "n"}]})
+    assert [(t.name, t.module, t.flags) for t in tasks] == [("averaging, L2", "m", {"a": 1, "b": 2}),
+                                                           ("other", "n", {"a": 1})]
+
+
 def test_bool_flags_and_seed_counts():
     runs = expand(parse_spec({"module": "m", "seeds": 2, "flags": {"quiet": True, "batch_norm": False}}))
     assert [r.args for r in runs] == [["--quiet", "--seed", "0"], ["--quiet", "--seed", "1"]]
@@ -169,7 +176,9 @@ def test_run_round_trips_through_json():
     ('module = "m"\nseeds = [0]\nrandom = { n = 2, k = { int_uniform = [0.5, 3] } }', "integer ends"),
     ('module = "m"\nseeds = [0]\nrandom = { n = 2 }', "no flag is drawn"),
     ('seeds = [0]\n[[task]]\nmodule = "m"\n[[task]]\nmodule = "m"\nflags = { a = 1 }', "task names repeat"),
-    ('seeds = [0]\nmodule = "m"\n[[task]]\nmodule = "m"', "top level holds only"),
+    ('seeds = [0]\nname = "x"\n[[task]]\nmodule = "m"', "top level holds only"),
+    ('seeds = [0]\n[[task]]\nname = "x"', "`module` must name"),
+    ('seeds = [0]\nmodule = "m"\nname = ""', "one-line text"),
     ('seeds = [0]\n[[task]]\nmodule = "m"\n[[task]]\nmodule = "n"\nname = "x"\n', None),
     ('module = "m"\nseeds = [0]\n[flags\n', "not valid TOML"),
 ])

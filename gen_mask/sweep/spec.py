@@ -3,8 +3,8 @@
 A task names an entry module and its flags: fixed `flags`, a `grid` (every combination), a
 seeded `random` search (n draws, crossed with the grid) and `seeds` (`--seed` of each run). A
 file holds one task at its top level (`module = ...`) or several `[[task]]` tables; in the
-latter, top-level `seeds`, `flags`, `grid` and `random` are defaults that each task extends (a
-task's entries replace top-level ones of the same name).
+latter, top-level `module`, `seeds`, `flags`, `grid` and `random` are defaults that each task
+extends (a task's entries replace top-level ones of the same name).
 
     module = "gen_mask.run_synthetic"
     seeds = [0, 1, 2]                # or a count: seeds = 3 means 0, 1, 2
@@ -45,7 +45,7 @@ from and_mask.core.errors import RunError
 
 DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
 TASK_KEYS = {"name", "module", "seeds", "flags", "grid", "random"}
-SHARED_KEYS = {"seeds", "flags", "grid", "random"}
+SHARED_KEYS = {"module", "seeds", "flags", "grid", "random"}
 # Flags set by the launcher or that do not change a run's numbers; with the path flags, not hashed.
 NOT_HASHED = {"output_dir", "out", "resume", "overwrite", "quiet"}
 PATH_SUFFIXES = ("_dir", "_path", "_root")
@@ -184,12 +184,12 @@ def _task(where: str, table: dict, defaults: dict) -> Task:
     unknown = set(table) - TASK_KEYS
     if unknown:
         _fail(where, f"unknown key(s) {', '.join(sorted(unknown))}; a task has {', '.join(sorted(TASK_KEYS))}")
-    module = table.get("module")
+    module = table.get("module", defaults.get("module"))
     if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", module):
         _fail(where, f"`module` must name a Python module to run with -m, got {module!r}")
     name = table.get("name", module.rsplit(".", 1)[-1].removeprefix("run_"))
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-        _fail(where, f"`name` must be a word (letters, digits, _ . -), got {name!r}")
+    if not isinstance(name, str) or not name.strip() or "\n" in name:
+        _fail(where, f"`name` must be a one-line text, got {name!r}")
     where = f"{where} ({name})"
     if "seeds" not in table and "seeds" not in defaults:
         _fail(where, "`seeds` is missing (a count, or a list of seeds)")

@@ -1,11 +1,13 @@
 """python -m and_mask.summarize RUNS [RUNS ...]: a Markdown table of finished runs, one row per setting.
 
 Each RUNS is a run folder or a folder holding run folders (found by their config.json). Runs
-are grouped by their flags minus the seed, output and device flags, so the seeds of one setting
-form one row: mean ± std over seeds of every final accuracy, of the last epoch's running
-training accuracy and mask density (mean over parameter tensors), and the mean seconds per
-epoch. Reads only config.json and metrics.jsonl, never retrains; unfinished runs are listed on
-stderr and left out.
+are grouped by every flag that changes the numbers except the seed (`and_mask.core.runsets`, the
+grouping plot_runs uses too), so the seeds of one setting form one row: mean ± std over seeds of
+every final accuracy, of the last epoch's running training accuracy and mask density (mean over
+parameter tensors), and the mean seconds per epoch. The "other flags" column shows the flags
+that differ between rows. Runs of several experiments give one section each. Reads only
+config.json, metrics.jsonl and the run's lock and status, never retrains; unfinished or running
+runs are listed on stderr and left out, unreadable ones are skipped with a warning.
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import sys
 from pathlib import Path
 
 from and_mask.core.cli import entry_parser
-from and_mask.core.runlog import CONFIG, read_config, read_metrics
-
-IGNORED = {"seed", "output_dir", "resume", "quiet", "use_cuda", "grad_engine", "grad_chunk_size", "num_workers"}
+from and_mask.core.runlog import CONFIG
+from and_mask.core.runsets import find_runs, key_flags, load_runs, sections, varying
 
 
 def mean_std(values, scale=100.0, digits=1):
@@ -31,38 +32,45 @@ def flag_value(value):
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
-def find_runs(paths) -> list[Path]:
-    return sorted({config.parent for path in paths for config in Path(path).rglob(CONFIG)})
+def numbers(run) -> dict:
+    """The table's numbers of one finished run."""
+    epochs = [r for r in run.records if r["phase"] == "epoch"]
+    densities = list(epochs[-1]["mask_density"].values())
+    out = {f"final {k[:-4]} acc (%)": v for k, v in run.records[-1].items() if k.endswith("_acc")}
+    out.update({"last-epoch train acc (%)": epochs[-1]["train_acc"], "mask density": sum(densities) / len(densities),
+                "s/epoch": statistics.fmean(r["seconds"] for r in epochs)})
+    return out
 
 
-def summarize(run_dirs):
-    """{flag items: [per-run numbers]} for the finished runs, and the list of unfinished ones."""
-    groups, unfinished = {}, []
-    for run in run_dirs:
-        records = read_metrics(run)
-        epochs = [r for r in records if r.get("phase") == "epoch"]
-        if not epochs or records[-1].get("phase") != "final":
-            unfinished.append(str(run))
-            continue
-        flags = read_config(run)["flags"]
-        key = tuple(sorted((k, flag_value(v)) for k, v in flags.items() if k not in IGNORED))
-        densities = list(epochs[-1]["mask_density"].values())
-        numbers = {f"final {k[:-4]} acc (%)": v for k, v in records[-1].items() if k.endswith("_acc")}
-        numbers.update({"last-epoch train acc (%)": epochs[-1]["train_acc"],
-                        "mask density": sum(densities) / len(densities),
-                        "s/epoch": statistics.fmean(r["seconds"] for r in epochs)})
-        groups.setdefault(key, []).append(numbers)
-    return groups, unfinished
+def summarize(runs):
+    """{experiment: {group key: [per-run numbers]}} of the finished runs, and the paths of the others."""
+    tables, left_out = {}, []
+    for experiment, groups in sections(runs).items():
+        for key, members in groups.items():
+            for run in members:
+                if not run.finished:
+                    left_out.append(f"{run.path} ({run.state})")
+                    continue
+                try:
+                    row = numbers(run)
+                except (KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError):
+                    print(f"warning: skipping {run.path}: its metrics.jsonl lacks the numbers of a finished run",
+                          file=sys.stderr)
+                    continue
+                tables.setdefault(experiment, {}).setdefault(key, []).append(row)
+    return tables, left_out
 
 
 def table(groups) -> str:
-    common = set.intersection(*(set(key) for key in groups))
+    differing = varying(groups)
+    several_packages = any("package" in flags for flags in differing.values())
     columns = list(dict.fromkeys(c for runs in groups.values() for numbers in runs for c in numbers))
     lines = ["| method | other flags | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
-    for key, runs in sorted(groups.items(), key=lambda item: str(dict(item[0]).get("method"))):
-        flags = dict(key)
-        other = " ".join(f"--{k} {v}" for k, v in sorted(set(key) - common, key=str)
-                         if k != "method" and v is not None) or "defaults"
+    for key, runs in sorted(groups.items(), key=lambda item: str(key_flags(item[0]).get("method"))):
+        flags = key_flags(key)
+        method = f"{flags.get('method')}" + (f" ({flags['package']})" if several_packages else "")
+        other = " ".join(f"--{k} {flag_value(v)}" for k, v in sorted(differing[key].items())
+                         if k not in ("method", "package") and v is not None) or "defaults"
         cells = []
         for column in columns:
             values = [numbers[column] for numbers in runs if column in numbers]
@@ -70,7 +78,7 @@ def table(groups) -> str:
                 cells.append(f"{statistics.fmean(values):.1f}")
             else:
                 cells.append(mean_std(values, 1, 2) if column == "mask density" else mean_std(values))
-        lines.append(f"| {flags.get('method')} | {other} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {other} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -89,12 +97,15 @@ def main(argv=None):
     run_dirs = find_runs(args.runs)
     if not run_dirs:
         parser.error(f"no run folder (with a {CONFIG}) under {', '.join(map(str, args.runs))}")
-    groups, unfinished = summarize(run_dirs)
-    for run in unfinished:
+    tables, left_out = summarize(load_runs(run_dirs))
+    for run in left_out:
         print(f"(unfinished, left out: {run})", file=sys.stderr)
-    if not groups:
+    if not tables:
         parser.error("no finished run among the given folders")
-    print(table(groups))
+    for experiment, groups in tables.items():
+        if len(tables) > 1:
+            print(f"## {experiment}\n")
+        print(table(groups) + ("\n" if len(tables) > 1 else ""))
 
 
 if __name__ == "__main__":

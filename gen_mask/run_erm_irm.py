@@ -4,7 +4,9 @@ Invariant Risk Minimization? A Sample Complexity Perspective" (Ahuja et al., ICL
     python -m gen_mask.run_erm_irm --dataset sem_hb --methods erm,irm,and_mask --out runs/sem_hb
 
 Writes OUT/results.jsonl (one line per finished method, size and trial; a rerun resumes),
-OUT/table.md and OUT/error_vs_n.png. See gen_mask/erm_irm/ for the data and the methods.
+OUT/table.md and OUT/error_vs_n.png; OUT/run.lock refuses a second process at once and
+OUT/status.json records how the last one ended, as in a training run's folder. See
+gen_mask/erm_irm/ for the data and the methods.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import sys
 from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, positive_list,
                                proper_fraction, seed_int)
 from and_mask.core.errors import RunError
+from and_mask.core.runfolder import FolderLock, holds_run, outcome, terminate_as_interrupt
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
 from gen_mask.erm_irm.irm import ANNEAL_STEPS, PENALTY_WEIGHTS
 from gen_mask.erm_irm.report import write_report
-from gen_mask.erm_irm.sweep import DATASETS, Sweep, run_sweep
+from gen_mask.erm_irm.sweep import DATASETS, Sweep, check_out, run_sweep
 
 # Defaults per kind of data set, following Ahuja et al. (steps: optimiser steps of every method).
 DEFAULTS = {
@@ -105,12 +108,20 @@ def main(argv=None) -> str:
     args, sweep = parse(argv)
     title = sweep.dataset + ("" if sweep.is_sem else f" ({sweep.image_data})")
     try:
-        records = run_sweep(sweep, args.out, quiet=args.quiet)
-        table = write_report(args.out, records, sweep.is_sem, title)
+        if holds_run(args.out):
+            raise RunError(f"{args.out} holds a training run; choose another --out")
+        with terminate_as_interrupt(), FolderLock(args.out, "--out") as folder:
+            check_out(sweep, args.out)  # a refused folder keeps its status
+            folder.start()
+            records = run_sweep(sweep, args.out, quiet=args.quiet)
+            table = write_report(args.out, records, sweep.is_sem, title)
     except RunError as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted; finished fits are kept in {args.out}/results.jsonl, rerun the command to resume")
+    except KeyboardInterrupt as error:
+        ended = outcome(error)
+        print(f"{ended['error']}; finished fits are kept in {args.out}/results.jsonl, rerun the command to resume",
+              file=sys.stderr)
+        sys.exit(ended["exit_code"])
     print(table)
     return table
 

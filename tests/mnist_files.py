@@ -5,6 +5,8 @@ loaders read (ROOT/MNIST/raw/ or ROOT/FashionMNIST/raw/), so that tests exercise
 path. Each class c has a fixed random 28×28 stroke template (the same in train and test); an image
 is its class template with 10 % of the pixels flipped, so a linear model can learn the classes.
 """
+import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -12,15 +14,17 @@ import numpy as np
 
 FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 TEMPLATE_SEED = 12345
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_bytes(array) -> bytes:
+    """idx format: magic (0, 0, 0x08 = uint8, ndim), big-endian int32 sizes, then the raw bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
 
 
 def _write_idx(path, array):
-    """idx format: magic (0, 0, 0x08 = uint8, ndim), big-endian int32 sizes, then the raw bytes."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}i", *array.shape))
-        f.write(array.tobytes())
+    Path(path).write_bytes(idx_bytes(array))
 
 
 def class_templates():
@@ -50,4 +54,14 @@ def write_mnist_files(root, dataset="mnist", n_train=600, n_test=200, seed=0):
         labels = rng.randint(0, 10, n)
         _write_idx(folder / f"{split}-images-idx3-ubyte", make_images(labels, rng))
         _write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder
+
+
+def write_debian_archives(source, folder):
+    """Gzip the four idx files of `source` into `folder`, as the Debian package ships Fashion-MNIST."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in IDX_NAMES:
+        with open(Path(source) / name, "rb") as src, gzip.open(folder / f"{name}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
     return folder

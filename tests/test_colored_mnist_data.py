@@ -1,7 +1,4 @@
 """Colored MNIST data: loading from idx files, environment statistics, protocols, relabelling, cache."""
-import gzip
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +6,7 @@ import torch
 from and_mask.core.errors import DataNotFoundError
 from and_mask.datasets import colored_mnist as cm
 from and_mask.datasets import mnist
-from mnist_files import write_mnist_files
+from mnist_files import write_debian_archives, write_mnist_files
 
 N_IMAGES = 6000  # 2000 per environment (original), 2500/2500/1000 (irm)
 
@@ -43,11 +40,7 @@ def test_missing_files_raise_one_clear_error(tmp_path):
 
 def test_fashion_mnist_is_taken_from_the_debian_package(tmp_path, monkeypatch):
     source = write_mnist_files(tmp_path / "src", "fashion_mnist", n_train=30, n_test=20, seed=5)
-    debian = tmp_path / "usr_share_datasets_fashion-mnist"
-    debian.mkdir()
-    for name in mnist.RAW_FILES:
-        with open(source / name, "rb") as src, gzip.open(debian / f"{name}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    debian = write_debian_archives(source, tmp_path / "usr_share_datasets_fashion-mnist")
     monkeypatch.setattr(mnist, "DEBIAN_FASHION_MNIST", debian)
     images, labels = mnist.load_mnist("fashion_mnist", tmp_path / "root", train=False)
     assert images.shape == (20, 28, 28)

@@ -21,7 +21,8 @@ def test_table_groups_seeds_and_reports_mean_and_std(tmp_path, capsys):
                                                               "--output_dir", str(out)])
         dirs.append(out)
     (tmp_path / "runs" / "unfinished").mkdir()
-    (tmp_path / "runs" / "unfinished" / "config.json").write_text(json.dumps({"flags": {}}))
+    (tmp_path / "runs" / "unfinished" / "config.json").write_text(
+        json.dumps({"experiment": "synthetic", "package": "and_mask", "flags": {}}))
     capsys.readouterr()
     summarize.main([str(tmp_path / "runs")])  # a folder holding run folders
     captured = capsys.readouterr()

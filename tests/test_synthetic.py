@@ -82,8 +82,9 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    assert metrics(3, "a") == metrics(3, "b")
-    assert metrics(3, "a") != metrics(4, "c")
+    first = metrics(3, "a")
+    assert first == metrics(3, "b")
+    assert first != metrics(4, "c")
 
 
 TEMPORAL = ["--optimizer", "temporal_and_mask_adam", "--beta3", "0.9", "--temporal_threshold", "0.6"]

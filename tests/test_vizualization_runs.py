@@ -36,8 +36,8 @@ def _check_png(path, nrows, ncols, dpi):
 
 
 def test_runs_are_grouped_by_method_and_averaged_over_seeds(runs):
-    loaded = [plot_runs.load_run(p) for p in runs.values()]
-    groups = plot_runs.group_runs(loaded)
+    (experiment, groups), = plot_runs.group_runs(plot_runs.load(list(runs.values()))).items()
+    assert experiment == "synthetic"
     assert {k: len(v) for k, v in groups.items()} == {"and_mask τ=0.0 scale=0": 2, "geom_mean τ=1.0 scale=1": 1}
     x, mean, std = plot_runs.mean_std(groups["and_mask τ=0.0 scale=0"], "test_acc")
     records = [read_metrics(runs[k]) for k in ("avg_s0", "avg_s1")]
@@ -60,10 +60,11 @@ def test_plot_runs_writes_figures(runs, tmp_path):
     _check_png(tmp_path / "mask_density.png", 2, 4, 40)  # 8 parameter tensors of the MLP
 
 
-def test_plot_runs_on_a_folder_that_is_not_a_run(tmp_path):
+def test_plot_runs_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(plot_runs.main, [str(tmp_path), "--out", str(tmp_path / "figures")])
-    assert "not a run folder" in str(exit_info.value.code)
+    assert "no run to plot" in str(exit_info.value.code)
+    assert f"skipping {tmp_path}: not a run folder" in capsys.readouterr().err
 
 
 def test_filter_normalised_directions_have_the_weights_filter_norms():

@@ -27,8 +27,10 @@ import torch
 
 from and_mask.core.cli import entry_parser, finite_float, positive_float, positive_int, rebuild, seed_int
 from and_mask.core.errors import RunError
+from and_mask.core.runfolder import is_running
+from and_mask.core.runlog import load_weights
 from and_mask.core.training import evaluate
-from vizualization.plotting import add_output_flags, figure, plt, run_cli, save
+from vizualization.plotting import add_output_flags, claim_figures, figure, plt, run_cli, save
 
 INIT, FINAL = "weights_init.pt", "weights_final.pt"
 LEVEL_QUANTILE = 0.2
@@ -162,13 +164,18 @@ def main(argv=None) -> list:
     for name in (INIT, FINAL, "config.json"):
         if not (Path(args.run) / name).exists():
             raise RunError(f"{args.run} has no {name}; loss landscapes need a finished run's folder")
+    if is_running(args.run):
+        raise RunError(f"{args.run} is still running; its weights_final.pt may be of an earlier run")
+    figures = claim_figures(args, "vizualization.loss_landscape", ["interpolation", "plane"])
     device = torch.device("cpu")
     setup, _ = rebuild(args.run, device, weights=FINAL)
     if not setup.env_loaders:
         raise RunError(f"the experiment of {args.run} exposes no per-environment loaders (TrainSetup.env_loaders)")
     model = setup.model
     end = trainable(model)
-    initial = torch.load(Path(args.run) / INIT, map_location=device)
+    initial = load_weights(args.run, INIT, map_location=device)
+    if any(name not in initial or initial[name].shape != w.shape for name, w in end.items()):
+        raise RunError(f"{Path(args.run) / INIT} does not fit the model of {FINAL}")
     start = {name: initial[name] for name in end}
     batches = env_batches(setup.env_loaders, args.examples_per_env)
     alphas = np.linspace(*args.alpha_range, args.points_1d)
@@ -178,6 +185,7 @@ def main(argv=None) -> list:
     d1, d2 = filter_normalized_direction(end, generator), filter_normalized_direction(end, generator)
     coords = np.linspace(-args.span, args.span, args.points_2d)
     written += plot_plane(args, coords, plane(model, end, d1, d2, coords, batches, setup.loss_fn, device))
+    figures.finish()
     for path in written:
         print(path)
     return written

@@ -2,9 +2,13 @@
 
 python -m vizualization.plot_runs runs/avg_s0 runs/avg_s1 runs/geom_s0 runs/geom_s1 --out figures/
 
-Reads only each run's config.json and metrics.jsonl (it never retrains). Runs are grouped by
-method: the --method flag and the values of that combiner's hyper-parameter flags; a group of
-several runs (seeds) is drawn as its mean with a ± one standard deviation band (sample std).
+Reads only each run's config.json and metrics.jsonl (it never retrains); a RUN_DIR may also be a
+folder holding run folders. Runs are grouped as summarize groups them (`and_mask.core.runsets`:
+every flag that changes the numbers, seeds aside), and labelled by the method, its combiner's
+hyper-parameters and any other flag that differs between groups; a group of several runs
+(seeds) is drawn as its mean with a ± one standard deviation band (sample std). Runs of several
+experiments give one set of figures each, named <experiment>_accuracy etc. An unreadable run is
+skipped with a warning; an unfinished one is drawn as far as it got, with a warning.
 
 x axis, in epochs of training done: the loop evaluates every evaluation set *before* training
 epoch k, so those values sit at k − 1 and the final evaluation at the last epoch; the running
@@ -16,51 +20,65 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from and_mask.core.cli import entry_parser
 from and_mask.core.errors import RunError
-from and_mask.core.runlog import CONFIG, METRICS, read_config, read_metrics
+from and_mask.core.files import warn
+from and_mask.core.runlog import CONFIG
+from and_mask.core.runsets import Run, find_runs, key_flags, load_runs, sections, varying
 from gen_mask.gen_mask_utils import COMBINERS
-from vizualization.plotting import add_output_flags, figure, plt, run_cli, save
+from vizualization.plotting import add_output_flags, claim_figures, figure, plt, run_cli, save
 
 SHORT = {"agreement_threshold": "τ", "scale_grad_inverse_sparsity": "scale"}  # legend abbreviations
 RUNNING = ("train_loss", "train_acc")  # averaged over the epoch's steps, not an evaluation
 
 
-@dataclass
-class Run:
-    path: Path
-    label: str
-    records: list
+def hparam_names(method) -> list[str]:
+    return [h.name for h in COMBINERS[method].hparams] if method in COMBINERS else []
 
 
 def method_label(flags: dict) -> str:
     """'geom_mean τ=1 scale=1': the method and its combiner's hyper-parameter values."""
     method = flags.get("method", "?")
-    names = [h.name for h in COMBINERS[method].hparams] if method in COMBINERS else []
+    names = hparam_names(method)
     settings = " ".join(f"{SHORT.get(n, n)}={flags[n]}" for n in names if flags.get(n) is not None)
     return f"{method} {settings}".strip()
 
 
-def load_run(path) -> Run:
-    path = Path(path)
-    if not (path / CONFIG).exists() or not (path / METRICS).exists():
-        raise RunError(f"{path} is not a run folder: it needs {CONFIG} and {METRICS}")
-    records = read_metrics(path)
-    if not records:
-        raise RunError(f"{path / METRICS} holds no records")
-    return Run(path, method_label(read_config(path)["flags"]), records)
+def group_runs(runs: list[Run]) -> "OrderedDict[str, OrderedDict[str, list[Run]]]":
+    """{experiment: {label: runs}}: the shared grouping of `runsets.sections`, labelled.
+
+    A label is the method, its hyper-parameters and the other flags that differ between groups.
+    """
+    out = OrderedDict()
+    for experiment, groups in sections(runs).items():
+        differing, labelled = varying(groups), OrderedDict()
+        for key, members in groups.items():
+            flags = key_flags(key)
+            own = {"method", *hparam_names(flags.get("method"))}
+            extra = " ".join(f"{k}={v}" for k, v in sorted(differing[key].items()) if k not in own)
+            label = f"{method_label(flags)} {extra}".strip()
+            labelled[label if label not in labelled else f"{label} [{len(labelled) + 1}]"] = members
+        out[experiment] = labelled
+    return out
 
 
-def group_runs(runs: list[Run]) -> "OrderedDict[str, list[Run]]":
-    groups = OrderedDict()
-    for run in runs:
-        groups.setdefault(run.label, []).append(run)
-    return groups
+def load(paths) -> list[Run]:
+    """The runs under `paths` that have records; the others are skipped with a warning naming them."""
+    runs = []
+    for path in paths:
+        if not find_runs([path]):
+            warn(f"skipping {path}: not a run folder (no {CONFIG}) and holds none")
+    for run in load_runs(find_runs(paths)):
+        if not run.records:
+            warn(f"skipping {run.path}: no metrics yet")
+            continue
+        if not run.finished:
+            warn(f"{run.path} is {run.state}: drawn up to epoch {run.records[-1]['epoch']}")
+        runs.append(run)
+    return runs
 
 
 def series(records: list, key: str, sub: str | None = None) -> dict:
@@ -129,7 +147,7 @@ def plot_metric(args, groups, suffix: str, ylabel: str, name: str):
     return save(fig, args, name)
 
 
-def plot_mask_density(args, groups):
+def plot_mask_density(args, groups, figure_name="mask_density"):
     runs = [r for rs in groups.values() for r in rs]
     names = list(OrderedDict.fromkeys(n for run in runs for r in run.records for n in r.get("mask_density", {})))
     if not names:
@@ -142,22 +160,33 @@ def plot_mask_density(args, groups):
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize="small")
-    return save(fig, args, "mask_density")
+    return save(fig, args, figure_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser("vizualization.plot_runs", __doc__)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Output folders of training runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="Output folders of training runs, or folders holding them.")
     add_output_flags(parser)
     return parser
 
 
 def main(argv=None) -> list:
     args = build_parser().parse_args(argv)
-    groups = group_runs([load_run(path) for path in args.runs])
-    written = (plot_metric(args, groups, "_acc", "accuracy", "accuracy")
-               + plot_metric(args, groups, "_loss", "loss", "loss")
-               + plot_mask_density(args, groups))
+    runs = load(args.runs)
+    if not runs:
+        raise RunError(f"no run to plot among {', '.join(args.runs)}")
+    experiments = group_runs(runs)
+    prefixes = {e: "" if len(experiments) == 1 else f"{e}_" for e in experiments}
+    figures = claim_figures(args, "vizualization.plot_runs",
+                            [prefixes[e] + name for e in experiments for name in ("accuracy", "loss", "mask_density")])
+    written = []
+    for experiment, groups in experiments.items():
+        prefix = prefixes[experiment]
+        written += (plot_metric(args, groups, "_acc", "accuracy", prefix + "accuracy")
+                    + plot_metric(args, groups, "_loss", "loss", prefix + "loss")
+                    + plot_mask_density(args, groups, prefix + "mask_density"))
+    figures.finish()
     for path in written:
         print(path)
     return written

@@ -24,7 +24,7 @@ from and_mask.core.cli import (entry_parser, finite_float, non_negative_float, p
 from and_mask.core.combiners import MethodFlags
 from vizualization.dynamics import KINDS, basin_map, find_minima, hessian_eigenvalues, method_dynamics
 from vizualization.landscapes import DTYPE, LANDSCAPES, default_lr, env_grads, env_losses
-from vizualization.plotting import add_output_flags, figure, run_cli, save
+from vizualization.plotting import add_output_flags, claim_figures, figure, run_cli, save
 from vizualization.toy_methods import TOY_METHODS, direction
 
 FIGURES = ("fields", "trajectory", "basins", "hessian")
@@ -183,6 +183,9 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     method, hparams = METHOD_FLAGS.resolve(args, parser)
     landscape = LANDSCAPES[args.landscape]
+    names = [f"{landscape.name}_hessian" if kind == "hessian" else f"{landscape.name}_{method.name}_{kind}"
+             for kind in args.figures]
+    figures = claim_figures(args, "vizualization.toy_landscape", names)
     lr = args.lr or default_lr(landscape)
     # The minima are a property of the landscape: search them with the stable default step.
     minima = find_minima(landscape, default_lr(landscape), radius=args.radius)
@@ -197,6 +200,7 @@ def main(argv=None) -> list:
         written += plot_basins(args, landscape, method, hparams, lr, minima)
     if "hessian" in args.figures:
         written += plot_hessian(args, landscape)
+    figures.finish()
     for path in written:
         print(path)
     return written

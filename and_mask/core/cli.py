@@ -18,7 +18,8 @@ import torch
 
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
-from and_mask.core.runlog import RunLog, default_output_dir
+from and_mask.core.runfolder import RunFolder, outcome, terminate_as_interrupt
+from and_mask.core.runlog import RunLog, default_output_dir, describe, load_weights, read_config
 from and_mask.core.errors import RunError
 from and_mask.core.training import Trainer, format_record
 
@@ -191,6 +192,8 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_re
     group.add_argument("--grad_chunk_size", type=positive_int, default=None, help=chunk_help)
     group.add_argument("--resume", action="store_true",
                        help="Continue the run in --output_dir from its last end-of-epoch checkpoint.")
+    group.add_argument("--overwrite", action="store_true",
+                       help="Replace the run already in --output_dir, once the new run's setup has succeeded.")
     group.add_argument("--quiet", action="store_true", help="Print no progress bars and no per-epoch lines.")
     parser.set_defaults(**defaults)
 
@@ -232,23 +235,28 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
             parser.error(problem)
     if args.resume and args.output_dir is None:
         parser.error("--resume needs the --output_dir of the run to continue")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     device = resolve_device(parser, args.use_cuda)
-    seed_everything(args.seed)
     output_dir = args.output_dir or default_output_dir(f"{package}-{experiment.NAME}-{args.method}")
-    runlog = None
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
-        runlog = RunLog(output_dir, vars(args), resume=args.resume, experiment=experiment.NAME, package=package)
-        setup = experiment.build(args, device)
-        trainer = Trainer(setup, method, hparams, runlog, device, engine=args.grad_engine,
-                          chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
-                          l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
-        final = trainer.run(resume=args.resume)
+        defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+        with terminate_as_interrupt(), RunFolder(output_dir, mode, vars(args), defaults=defaults) as folder:
+            seed_everything(args.seed)
+            setup = experiment.build(args, device)
+            folder.start(describe(vars(args), experiment.NAME, package))
+            trainer = Trainer(setup, method, hparams, RunLog(folder.path), device, engine=args.grad_engine,
+                              chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
+                              l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
+            final = trainer.run(resume=folder.resumes)
     except RunError as error:
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        where = f"; metrics and the last checkpoint are kept in {runlog.dir}" if runlog else ""
-        sys.exit(f"interrupted{where}")
-    print(f"final: {format_record(final)}  (outputs in {runlog.dir})")
+    except KeyboardInterrupt as error:
+        ended = outcome(error)
+        print(f"{ended['error']}; metrics and the last checkpoint are kept in {output_dir}", file=sys.stderr)
+        sys.exit(ended["exit_code"])
+    print(f"final: {format_record(final)}  (outputs in {output_dir})")
     return final
 
 
@@ -258,18 +266,25 @@ def rebuild(run_dir, device="cpu", weights="weights_final.pt"):
     Returns (setup, flags). Used by analysis tools (loss landscapes) that never retrain.
     """
     import importlib
-    from pathlib import Path
-
-    from and_mask.core.runlog import read_config
 
     config = read_config(run_dir)
-    experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
+    try:
+        experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
+    except ImportError:
+        raise RunError(f"{run_dir}/config.json names an unknown experiment {config['experiment']!r}") from None
     # Flags added after the run was made take their defaults.
     parser = argparse.ArgumentParser()
     experiment.add_flags(parser, config["package"])
     defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
     args = argparse.Namespace(**{**defaults, **config["flags"]})
+    state = load_weights(run_dir, weights, map_location=device)
     seed_everything(args.seed)
-    setup = experiment.build(args, torch.device(device))
-    setup.model.load_state_dict(torch.load(Path(run_dir) / weights, map_location=device))
+    try:
+        setup = experiment.build(args, torch.device(device))
+        setup.model.load_state_dict(state)
+    except (AttributeError, TypeError) as error:
+        raise RunError(f"{run_dir}/config.json does not describe a run of this code ({error})") from None
+    except RuntimeError as error:
+        raise RunError(f"{run_dir}/{weights} does not fit the model of config.json "
+                       f"({str(error).strip().splitlines()[0]})") from None
     return setup, args

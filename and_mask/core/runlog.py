@@ -1,12 +1,14 @@
-"""What a run leaves in its output folder: config.json, metrics.jsonl and checkpoints.
+"""What a run leaves in its output folder: config.json, metrics.jsonl, checkpoints and weights.
 
 - config.json: every flag, the library versions, the git commit (when run from a checkout).
-- metrics.jsonl: one JSON object per evaluation, flushed at once, so an interrupted run keeps
-  everything it measured.
+- metrics.jsonl: one JSON object per evaluation, written with its newline in one append and
+  flushed, so an interrupted run keeps everything it measured; a line cut short by a kill is
+  ignored with a warning and cut off when the run is resumed.
 - checkpoint.pt: model, optimiser, scheduler and RNG states at the end of the last finished
-  epoch; `--resume` continues from it and truncates metrics.jsonl to that epoch.
+  epoch, replaced atomically; `--resume` continues from it and truncates metrics.jsonl to it.
 - weights_init.pt / weights_final.pt: the model's state at initialisation and at the end, for
   loss-landscape plots.
+Who may write into the folder, and status.json, are `and_mask.core.runfolder`'s business.
 """
 from __future__ import annotations
 
@@ -17,16 +19,20 @@ import random
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from and_mask.core.errors import RunError
+from and_mask.core.files import atomic_write, atomic_write_text, load_torch, read_json, read_jsonl
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS_INIT, WEIGHTS_FINAL = "weights_init.pt", "weights_final.pt"
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng")
 
 
 def default_output_dir(name: str) -> Path:
@@ -44,76 +50,111 @@ def _git_commit() -> str | None:
 
 
 def versions() -> dict:
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:  # the installed version, without importing torchvision (seconds)
+        torchvision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        torchvision = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision,
             "numpy": np.__version__}
 
 
-def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def describe(flags: dict, experiment: str | None, package: str | None) -> dict:
+    """The content of config.json for a run with these flags."""
+    return {"experiment": experiment, "package": package, "flags": flags, "versions": versions(),
+            "git_commit": _git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+
+
+def _check_record(record: dict) -> str | None:
+    if not isinstance(record.get("epoch"), int) or record.get("phase") not in ("epoch", "final"):
+        return "not a metrics record (an integer epoch and a phase, epoch or final)"
+    return None
+
+
+def read_metrics(run_dir, quiet: bool = False) -> list[dict]:
+    """The records of a run's metrics.jsonl ([] if none); RunError naming the file if it is damaged."""
+    return read_jsonl(Path(run_dir) / METRICS, _check_record, quiet=quiet)
 
 
 def read_config(run_dir) -> dict:
-    with open(Path(run_dir) / CONFIG) as f:
-        return json.load(f)
+    """A run's config.json; RunError naming the file if it is damaged."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise RunError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    config = read_json(path, "run configuration")
+    if not isinstance(config.get("flags"), dict) or not isinstance(config.get("experiment"), str):
+        raise RunError(f"{path} is damaged: expected an object with the run's experiment and flags")
+    return config
+
+
+def load_weights(run_dir, name: str, map_location="cpu") -> dict:
+    """A saved state dict (weights_init.pt, weights_final.pt); RunError naming the file if damaged."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        raise RunError(f"{run_dir} has no {name}")
+    state = load_torch(path, "state dict of model weights", map_location)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{path} is damaged: not a state dict of model weights")
+    return state
 
 
 class RunLog:
-    def __init__(self, output_dir, config: dict, resume: bool = False, experiment: str | None = None,
-                 package: str | None = None):
+    """The records of one run folder (the folder's lock is held by the caller's RunFolder)."""
+
+    def __init__(self, output_dir):
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        full = {"experiment": experiment, "package": package, "flags": config, "versions": versions(),
-                "git_commit": _git_commit(),
-                "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-        if resume and (self.dir / CONFIG).exists():
-            old = read_config(self.dir)["flags"]
-            changed = {k for k in set(old) | set(config) if k != "resume" and old.get(k) != config.get(k)}
-            if changed:
-                raise RunError(f"--resume with flags that differ from the saved run: {', '.join(sorted(changed))}")
-        with open(self.dir / CONFIG, "w") as f:
-            json.dump(full, f, indent=2, sort_keys=True, default=str)
 
     def truncate_metrics(self, last_epoch: int):
-        """Keep the records of epochs <= last_epoch (those a checkpoint covers)."""
-        kept = [r for r in read_metrics(self.dir) if r["epoch"] <= last_epoch and r.get("phase") != "final"]
-        with open(self.dir / METRICS, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        """Keep the records of epochs <= last_epoch (those a checkpoint covers), atomically.
+
+        A half-written last line goes too. RunError if the log lacks an epoch the checkpoint covers.
+        """
+        records = read_metrics(self.dir, quiet=True)
+        kept = [r for r in records if r["epoch"] <= last_epoch and r["phase"] == "epoch"]
+        if [r["epoch"] for r in kept] != list(range(1, last_epoch + 1)):
+            raise RunError(f"{self.dir / METRICS} is damaged: it does not hold one record of each of the epochs "
+                           f"1..{last_epoch} that {CHECKPOINT} covers; --overwrite starts the run again")
+        atomic_write_text(self.dir / METRICS, "".join(_line(r) for r in kept))
 
     def records(self) -> list[dict]:
         return read_metrics(self.dir)
 
     def log(self, record: dict):
         with open(self.dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
 
     def save_weights(self, model, name):
-        torch.save(model.state_dict(), self.dir / name)
+        atomic_write(self.dir / name, lambda tmp: torch.save(model.state_dict(), tmp))
 
     def save_checkpoint(self, state: dict):
         state = dict(state, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                  "python": random.getstate(),
                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
-        tmp = self.dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.dir / CHECKPOINT)  # atomic: a run killed while saving keeps the old one
+        # Atomic: a run killed while saving keeps the previous checkpoint.
+        atomic_write(self.dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, map_location):
+        """The checkpoint's state, with the RNG states restored; None if there is none."""
         path = self.dir / CHECKPOINT
         if not path.exists():
             return None
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = load_torch(path, "checkpoint", map_location, weights_only=False)
+        if not isinstance(state, dict) or not all(k in state for k in CHECKPOINT_KEYS) \
+                or not isinstance(state["epoch"], int):
+            raise RunError(f"{path} is damaged: not a checkpoint of this project; --overwrite starts the run again")
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        try:
+            # map_location moved the RNG states too; generators take their state as a CPU tensor.
+            torch.set_rng_state(rng["torch"].cpu())
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            raise RunError(f"{path} is damaged: its random number generator states cannot be restored") from None
         return state
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record) + "\n"

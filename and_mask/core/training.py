@@ -26,7 +26,7 @@ from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.objectives import Objective, ObjectiveContext, captured_features, final_linear, objective_loss
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
 from and_mask.core.per_env_hvp import env_hvp, hvp_unsupported
-from and_mask.core.runlog import RunLog
+from and_mask.core.runlog import CHECKPOINT, RunLog
 
 
 @dataclass
@@ -212,12 +212,19 @@ class Trainer:
         if state is None:
             return 1
         s = self.setup
-        s.model.load_state_dict(state["model"])
-        s.optimizer.load_state_dict(state["optimizer"])
-        if self.objective is not None:
-            self.objective.load_state_dict(state["objective"])
-        if s.scheduler is not None:
-            s.scheduler.load_state_dict(state["scheduler"])
+        try:
+            if not 1 <= state["epoch"] <= s.epochs:
+                raise ValueError(f"its epoch {state['epoch']} is not one of this run's 1..{s.epochs}")
+            s.model.load_state_dict(state["model"])
+            s.optimizer.load_state_dict(state["optimizer"])
+            if self.objective is not None:
+                self.objective.load_state_dict(state["objective"])
+            if s.scheduler is not None:
+                s.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RunError(f"{self.runlog.dir / CHECKPOINT} does not fit this run ({reason}); --overwrite starts "
+                           f"the run again") from None
         self.runlog.truncate_metrics(state["epoch"])
         return state["epoch"] + 1
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from and_mask.core.errors import DataNotFoundError
+from and_mask.core.errors import DataNotFoundError, RunError
 from and_mask.datasets.mnist import DEFAULT_DATA_PATH, load_mnist
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,13 +60,29 @@ def read_cifar10(data_path=None, train=True, download=True):
             f"CIFAR-10 not found in {folder}: expected {', '.join(expected)} (torchvision's python version)"
             f"{lacking}; the download failed or was disabled: extract cifar-10-python.tar.gz under {root}, "
             f"or pass --data_path")
-    images, labels = [], []
-    for path in _cifar_files(folder, train):
+    batches = [read_batch(path) for path in _cifar_files(folder, train)]
+    return (torch.from_numpy(np.concatenate([images for images, _ in batches])),
+            torch.from_numpy(np.concatenate([labels for _, labels in batches])))
+
+
+def read_batch(path):
+    """(uint8 (n, 3, 32, 32), int64 (n,)) of one python batch file; RunError naming it if damaged."""
+    try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
-    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+    except Exception as error:  # a damaged pickle can fail in any way; the file is what matters
+        raise RunError(f"{path} is damaged: not a readable pickle ({type(error).__name__}: "
+                       f"{str(error)[:120]})") from None
+    labels = batch.get("labels", batch.get("fine_labels")) if isinstance(batch, dict) else None
+    data = np.asarray(batch.get("data")) if isinstance(batch, dict) else None
+    if labels is None or data is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise RunError(f"{path} is damaged: expected a CIFAR-10 batch, a dict with uint8 'data' of shape "
+                       f"(n, 3072) and 'labels'")
+    labels = np.asarray(labels)
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer) \
+            or (len(labels) and not 0 <= labels.min() <= labels.max() < N_CLASSES):
+        raise RunError(f"{path} is damaged: expected {len(data)} labels in 0..{N_CLASSES - 1}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def fashion_mnist_as_rgb32(data_path=None, train=True, download=True):

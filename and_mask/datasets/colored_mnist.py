@@ -24,7 +24,6 @@ every construction parameter and a fingerprint of the source files.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from and_mask.core.errors import RunError
+from and_mask.core.files import atomic_write, load_torch, warn
 from and_mask.datasets.mnist import DEFAULT_DATA_PATH, RAW_FILES, has_raw_files, load_mnist, raw_folder
 
 LABEL_NOISE = 0.25
@@ -96,8 +97,32 @@ def _fingerprint(folder: Path) -> str:
     return hashlib.sha1(repr(stats).encode()).hexdigest()[:10]
 
 
+def _check_cache(stored, header: dict, spec: Protocol) -> str | None:
+    """What is wrong with a loaded cache file, or None."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("tensors"), dict):
+        return "not a Colored MNIST cache"
+    saved = stored.get("header", {})
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in header.items()):
+        return "built with other parameters"
+    tensors = stored["tensors"]
+    if not all(isinstance(tensors.get(k), torch.Tensor) for k in ("images", "labels", "colors", "envs")):
+        return "tensors missing"
+    n = len(tensors["images"])
+    if tensors["images"].dtype != torch.uint8 or tensors["images"].shape[1:] != (spec.side, spec.side) \
+            or any(tensors[k].shape != (n,) or tensors[k].dtype != torch.int64 for k in ("labels", "colors", "envs")):
+        return "tensors of the wrong shape or type"
+    if n == 0 or tensors["envs"].min() < 0 or tensors["envs"].max() > TEST_ENV \
+            or tensors["colors"].min() < 0 or tensors["colors"].max() >= spec.channels:
+        return "values out of range"
+    return None
+
+
 def prepared(dataset: str, protocol: str, seed: int, data_path=None, cache: bool = True) -> dict:
-    """`construct` applied to the training file of `dataset`, cached under <data_path>/cache/."""
+    """`construct` applied to the training file of `dataset`, cached under <data_path>/cache/.
+
+    A damaged cache file (unreadable, or with the wrong content) is rebuilt, with a warning.
+    Concurrent runs may build the same file: each writes its own temporary and renames it.
+    """
     root = Path(DEFAULT_DATA_PATH if data_path is None else data_path)
     images, digits = None, None
     folder = raw_folder(dataset, root)
@@ -105,18 +130,24 @@ def prepared(dataset: str, protocol: str, seed: int, data_path=None, cache: bool
         images, digits = load_mnist(dataset, root, train=True)
     path = root / "cache" / (f"colored_mnist-v{CACHE_VERSION}-{dataset}-{protocol}-seed{seed}-"
                              f"src{_fingerprint(folder)}.pt")
+    header = {"dataset": dataset, "protocol": protocol, "seed": seed, "label_noise": LABEL_NOISE,
+              "version": CACHE_VERSION}
     if cache and path.exists():
-        return torch.load(path, weights_only=True)["tensors"]
+        try:
+            stored = load_torch(path, "Colored MNIST cache")
+            problem = _check_cache(stored, header, PROTOCOLS[protocol])
+        except RunError as error:
+            problem = str(error)
+        if problem is None:
+            return stored["tensors"]
+        warn(f"rebuilding the damaged cache {path}: {problem}")
     if images is None:
         images, digits = load_mnist(dataset, root, train=True)
     tensors = construct(images, digits, protocol, seed)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"dataset": dataset, "protocol": protocol, "seed": seed, "label_noise": LABEL_NOISE,
-                  "n_source_images": len(images), "version": CACHE_VERSION}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs never share a partial file
-        torch.save({"header": header, "tensors": tensors}, tmp)
-        tmp.replace(path)
+        stored = {"header": {**header, "n_source_images": len(images)}, "tensors": tensors}
+        atomic_write(path, lambda tmp: torch.save(stored, tmp))
     return tensors
 
 
@@ -168,7 +199,13 @@ class ColoredImages(Dataset):
 
 
 def batch_loader(dataset, batch_size, train, num_workers=0):
-    """Shuffled batches with drop_last for training, sequential batches for evaluation."""
+    """Shuffled batches with drop_last for training, sequential batches for evaluation.
+
+    Workers are not kept between epochs: a DataLoader draws its workers' base seed from torch's
+    global RNG whenever it starts them, so persistent workers would make the numbers depend on
+    whether there are workers, and a resumed run (which starts them again) differ from an
+    uninterrupted one.
+    """
     sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=train), batch_size=None,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+                      num_workers=num_workers)

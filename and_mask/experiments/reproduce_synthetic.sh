@@ -9,7 +9,8 @@ out=${2:-runs/synthetic}
 run() {  # run NAME SEED FLAGS...
   local name=$1 seed=$2; shift 2
   [ -f "$out/$name-s$seed/weights_final.pt" ] && return 0  # finished before: keep it
-  python -m and_mask.run_synthetic --quiet --use_cuda 0 --seed "$seed" --output_dir "$out/$name-s$seed" "$@"
+  # --resume continues a run that was stopped (and starts one that never began).
+  python -m and_mask.run_synthetic --quiet --use_cuda 0 --seed "$seed" --resume --output_dir "$out/$name-s$seed" "$@"
 }
 if [ "$stage" = grid ]; then
   for wd in 1e-3 0; do

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from and_mask.core.files import atomic_write, atomic_write_text
+
 TABLE = "table.md"
 PLOT = "error_vs_n.png"
 METRIC = {True: "‖ŵ − w*‖²", False: "test error"}
@@ -79,13 +81,13 @@ def plot(records: list[dict], is_sem: bool, title: str, path):
     ax.set_title(title)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
 def write_report(out, records: list[dict], is_sem: bool, title: str) -> str:
     """Write OUT/table.md and OUT/error_vs_n.png; returns the table."""
     table = f"### {title}\n\n" + format_table(records, is_sem)
-    Path(out, TABLE).write_text(table)
+    atomic_write_text(Path(out, TABLE), table)
     plot(records, is_sem, title, Path(out, PLOT))
     return table

@@ -3,9 +3,10 @@
 OUT/results.jsonl gets one JSON object per finished (method, n_train, trial), flushed at once:
 dataset, method, n_train, trial, error (test error, or ‖ŵ − w*‖² for the SEMs), optimum (the
 optimal invariant error of that draw), penalty_weight (IRM's chosen λ, else null), seconds.
-A restart skips the triples already there (a line cut short by an interruption is dropped), so an
-interrupted sweep continues where it stopped. OUT/sweep.json keeps the settings that change the
-numbers; a restart with different settings is refused rather than mixing them in one table.
+A restart skips the triples already there (a line cut short by a kill is cut off, with a warning),
+so an interrupted sweep continues where it stopped; any other damaged line is a one-line error.
+OUT/sweep.json keeps the settings that change the numbers; a restart with different settings is
+refused rather than mixing them in one table.
 
 SEM draws are fitted side by side: all (n, trial) pairs missing for a method in one vectorised
 fit. Colored MNIST draws are fitted one at a time, every method on the same draw before the next.
@@ -13,6 +14,7 @@ fit. Colored MNIST draws are fitted one at a time, every method on the same draw
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from and_mask.core.errors import RunError
+from and_mask.core.files import atomic_write_text, drop_partial_line, read_json, read_jsonl, warn
 from gen_mask.erm_irm import colored, sem
 from gen_mask.erm_irm.fit import FitConfig, fit
 
@@ -54,46 +57,74 @@ class Sweep:
         return settings
 
 
-def read_results(out) -> list[dict]:
-    """The records of OUT/results.jsonl; a last line cut short by an interruption is removed."""
-    path = Path(out) / RESULTS
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        path.write_text(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+RESULT_FIELDS = {"dataset": str, "method": str, "n_train": int, "trial": int, "error": float, "optimum": float}
+
+
+def _check_result(record: dict) -> str | None:
+    for name, kind in RESULT_FIELDS.items():
+        value = record.get(name)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            return f"not a result record (needs {', '.join(RESULT_FIELDS)})"
+    return None
+
+
+def read_results(out, quiet: bool = False) -> list[dict]:
+    """The records of OUT/results.jsonl; a last line cut short by a kill is ignored with a warning.
+
+    RunError naming the file and line when any other line is not a result record.
+    """
+    return read_jsonl(Path(out) / RESULTS, _check_result, quiet=quiet)
 
 
 def _check_settings(out: Path, settings: dict):
     path = out / SETTINGS
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "sweep settings object")
         changed = [f"{k}: {saved.get(k)} there, {v} now" for k, v in settings.items() if saved.get(k) != v]
         if changed:
             raise RunError(f"{out} holds a sweep with other settings ({'; '.join(changed)}); use another --out")
+    elif (out / RESULTS).exists():
+        raise RunError(f"{out} has {RESULTS} but no {SETTINGS}, so the settings of its results are unknown; "
+                       f"use another --out")
     else:
-        path.write_text(json.dumps(settings, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _append(out: Path, records: list[dict]):
     with open(out / RESULTS, "a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.write("".join(json.dumps(record) + "\n" for record in records))
         f.flush()
+        os.fsync(f.fileno())
+
+
+def check_out(sweep: Sweep, out) -> list[dict]:
+    """Check that OUT may take `sweep` (the same settings, readable results); returns its records.
+
+    Writes nothing, except sweep.json into a folder that has none yet.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, sweep.settings())
+    records = read_results(out, quiet=True)
+    other = sorted({r["dataset"] for r in records} - {sweep.dataset})
+    if other:
+        raise RunError(f"{out / RESULTS} is damaged: it holds results of {', '.join(other)}, not {sweep.dataset}")
+    return records
 
 
 def run_sweep(sweep: Sweep, out, quiet: bool = False) -> list[dict]:
     """Run every missing (method, n_train, trial) of `sweep` into OUT; returns every record of OUT.
 
-    The records of earlier invocations (other methods, sizes or trials, same settings) are
-    included, so that the table covers the whole folder.
+    Call it holding OUT's lock (`run_erm_irm.main` does). The records of earlier invocations
+    (other methods, sizes or trials, same settings) are included, so that the table covers the
+    whole folder.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, sweep.settings())
-    done = {(r["method"], r["n_train"], r["trial"]) for r in read_results(out)}
+    check_out(sweep, out)
+    if drop_partial_line(out / RESULTS):  # the caller holds OUT's lock: no one else appends
+        warn(f"cut off the half-written last line of {out / RESULTS} (the process writing it was killed)")
+    records = read_results(out)
+    done = {(r["method"], r["n_train"], r["trial"]) for r in records}
     units = [(m, n, t) for n in sweep.n_train for t in range(sweep.trials) for m in sweep.methods]
     todo = [u for u in units if u not in done]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=sweep.dataset, unit="fit", disable=quiet)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gen_mask.sweep import main
+from and_mask.core import runfolder
+from gen_mask.sweep import execute, main
 from gen_mask.sweep.folder import SweepFolder, run_state
 from gen_mask.sweep.spec import expand, load_spec
 
@@ -134,7 +135,7 @@ def test_second_launch_on_the_same_folder_is_refused(tmp_path, capsys):
     spec = write_sweep(tmp_path, f'module = "{FAKE}"\nseeds = [0]\n')
     out = tmp_path / "sweep"
     with SweepFolder(out).lock():
-        assert "another launch is running" in str(sweep(spec, "--out", out))
+        assert "is in use by another process" in str(sweep(spec, "--out", out))
     assert not (out / "runs").exists()
     assert sweep(spec, "--out", out) == 0
 
@@ -268,6 +269,10 @@ grid = { methods = ["erm"] }
 def test_committed_sweep_files_pass_their_modules_flag_checks(example, tmp_path, capsys):
     assert sweep(example, "--out", tmp_path / "sweep", "--launcher", "dry") == 0
     assert len(capsys.readouterr().out.splitlines()) == len(expand(load_spec(example))) > 1
+
+
+def test_the_launcher_writes_the_run_folder_s_own_status_file():
+    assert execute.STATUS == runfolder.STATUS
 
 
 def test_a_slurm_job_imports_no_torch():

@@ -10,7 +10,6 @@ line as the error of a failed run.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shlex
 import signal
@@ -18,6 +17,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from and_mask.core.files import atomic_write_json
 from gen_mask.sweep.jobs import Job
 
 # The run folder's status file (and_mask.core.runfolder.STATUS), named here so that a SLURM job,
@@ -40,9 +40,7 @@ def now() -> str:
 
 def write_status(run_dir: Path, status: str, exit_code: int, error: str | None):
     """status.json as a run writes it, for a run that could not (killed, or not writing one)."""
-    path, tmp = run_dir / STATUS, run_dir / f".{STATUS}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "error": error, "time": now()}) + "\n")
-    os.replace(tmp, path)  # atomic: a reader sees no status or the whole of it
+    atomic_write_json(run_dir / STATUS, {"status": status, "exit_code": exit_code, "error": error, "time": now()})
 
 
 def _status_file(run_dir: Path):

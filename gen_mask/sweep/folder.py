@@ -1,7 +1,8 @@
 """The sweep folder: what launch writes and what relaunch and collect read.
 
     DIR/sweep.json       the expanded sweep (below); relaunch and collect need nothing retyped
-    DIR/sweep.lock       locked (fcntl) by the process launching the sweep; a second launch is refused
+    DIR/run.lock         held by the process launching the sweep (and_mask.core.runfolder's lock): a
+                         second launch is refused
     DIR/runs/<id>/       one run folder per run, passed to the module as its --output_dir (or --out)
     DIR/logs/<id>.log    the run's stdout and stderr, every attempt appended after a "# TIME start|resume: COMMAND" line
     DIR/slurm/           submitit's job scripts, pickles and logs, and submissions.jsonl (one line per job array)
@@ -15,34 +16,34 @@ sweep.json (version 1):
                "grid": this run's grid values, "random": its drawn values, "draw": index | null,
                "args": the flags as command-line words}]}
 
-A run's status is read from its folder alone, never from a scheduler (`run_state`):
+A run's status is read from its folder alone, never from a scheduler (`run_state`, built on the
+run-folder contract of and_mask.core.runfolder):
     running      a process holds the run folder's lock (run.lock)
     finished | failed | interrupted
                  status.json says so (written last by the run, or by the launcher for a run that
                  died by a signal or does not write it); failed runs carry the last line of their error
-    unfinished   the folder has files but no status.json and no process holds it (killed hard)
+    unfinished   the folder has files but no status.json and no process holds it (killed hard),
+                 or its status.json is damaged
     empty        the run folder does not exist or holds nothing (never started)
+Any file but run.lock counts, so that a folder of the ERM/IRM benchmark (results.jsonl) is seen
+as holding a run too.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from and_mask.core.errors import RunError
-from gen_mask.sweep.execute import STATUS, now
+from and_mask.core.files import atomic_write_text, read_json
+from and_mask.core.runfolder import LOCK, FolderLock, is_running, read_status
+from gen_mask.sweep.execute import now
 
 SWEEP = "sweep.json"
-LOCK = "sweep.lock"
 RUNS = "runs"
 LOGS = "logs"
 SLURM = "slurm"
-RUN_LOCK = "run.lock"
 VERSION = 1
-FINAL = ("finished", "failed", "interrupted")
 
 
 @dataclass
@@ -74,30 +75,18 @@ class SweepFolder:
     def exists(self) -> bool:
         return self.sweep_json.exists()
 
-    @contextlib.contextmanager
-    def lock(self):
-        """Hold DIR/sweep.lock while launching; RunError when another process holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / LOCK, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunError(f"another launch is running on {self.path} (it holds {LOCK}); wait for it or stop it")
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def lock(self) -> FolderLock:
+        """Held while launching (a context manager); RunError when another process holds it."""
+        return FolderLock(self.path, "--out")
 
     def read(self) -> dict:
         """The saved sweep.json; RunError when missing or damaged."""
-        try:
-            saved = json.loads(self.sweep_json.read_text())
-        except FileNotFoundError:
+        if not self.exists():
             raise RunError(f"{self.path} holds no sweep ({SWEEP} is missing); give the sweep file to start one")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RunError(f"{self.sweep_json} is damaged ({error}); relaunch with the sweep file to rewrite it")
-        if not isinstance(saved, dict) or saved.get("version") != VERSION or not isinstance(saved.get("runs"), list):
-            raise RunError(f"{self.sweep_json} is not a version-{VERSION} sweep file")
+        saved = read_json(self.sweep_json, "sweep")
+        if saved.get("version") != VERSION or not isinstance(saved.get("runs"), list):
+            raise RunError(f"{self.sweep_json} is damaged: not a version-{VERSION} sweep; relaunch with the sweep "
+                           f"file to rewrite it")
         return saved
 
     def write(self, tasks: list[dict], runs: list[dict]):
@@ -112,46 +101,24 @@ class SweepFolder:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         # One run a line, so that the file reads (and greps) as a table.
         head = json.dumps({"version": VERSION, "updated": now(), "tasks": tasks}, indent=1)[:-2]
-        text = head + ',\n "runs": [\n' + ",\n".join("  " + json.dumps(run) for run in runs) + "\n ]\n}\n"
-        tmp = self.sweep_json.with_suffix(".json.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.sweep_json)
+        atomic_write_text(self.sweep_json, head + ',\n "runs": [\n' + ",\n".join("  " + json.dumps(run) for run in runs)
+                          + "\n ]\n}\n")
 
     def states(self) -> dict[str, RunState]:
         """{run id: RunState} of every run of the saved sweep."""
         return {run["id"]: run_state(self.run_dir(run["id"])) for run in self.read()["runs"]}
 
 
-def is_running(run_dir) -> bool:
-    """Whether a process holds the run folder's lock (the lock dies with its process)."""
-    path = Path(run_dir) / RUN_LOCK
-    if not path.exists():
-        return False
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
-def read_status(run_dir) -> dict | None:
-    """status.json of a run folder, None when absent or unreadable."""
-    try:
-        status = json.loads((Path(run_dir) / STATUS).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return status if isinstance(status, dict) and status.get("status") in FINAL else None
-
-
 def run_state(run_dir) -> RunState:
     run_dir = Path(run_dir)
     if is_running(run_dir):
         return RunState("running")
-    status = read_status(run_dir)
+    try:
+        status = read_status(run_dir)
+    except RunError as damaged:
+        return RunState("unfinished", error=str(damaged))
     if status is not None:
-        return RunState(status["status"], status.get("exit_code"), status.get("error"), status.get("time"))
-    if run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir()):
+        return RunState(status["status"], status["exit_code"], status.get("error"), status.get("time"))
+    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
         return RunState("unfinished")
     return RunState("empty")

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from and_mask.core.cli import positive_float, positive_int
 from and_mask.core.errors import RunError
+from and_mask.core.files import read_jsonl
 from gen_mask.sweep.execute import now
-from gen_mask.sweep.folder import SweepFolder, read_status, run_state
+from gen_mask.sweep.folder import SweepFolder, run_state
 from gen_mask.sweep.slurm_job import RunCommand
 
 SUBMISSIONS = "submissions.jsonl"
@@ -92,14 +93,9 @@ def _squeue(job_ids: set[str]) -> set[str] | None:
 
 def submitted(folder: SweepFolder) -> dict[str, str]:
     """{run id: SLURM job id} of the latest submission of each run of this sweep folder."""
-    path = folder.slurm_dir / SUBMISSIONS
     jobs = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                jobs.update(json.loads(line)["jobs"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by an interruption
+    for line in read_jsonl(folder.slurm_dir / SUBMISSIONS, quiet=True):
+        jobs.update(line.get("jobs", {}))
     return jobs
 
 
@@ -168,8 +164,4 @@ def launch(jobs, args) -> list[int | None]:
         _wait(ids, folder, args)
     except KeyboardInterrupt:
         raise RunError(f"stopped waiting; the jobs go on (scancel {array} stops them): relaunch to wait again")
-    statuses = []
-    for job in jobs:
-        status = read_status(job.run_dir)
-        statuses.append(None if status is None else status.get("exit_code"))
-    return statuses
+    return [run_state(job.run_dir).exit_code for job in jobs]

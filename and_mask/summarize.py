@@ -4,7 +4,8 @@ Each RUNS is a run folder or a folder holding run folders (found by their config
 are grouped by every flag that changes the numbers except the seed (`and_mask.core.runsets`, the
 grouping plot_runs uses too), so the seeds of one setting form one row: mean ± std over seeds of
 every final accuracy, of the last epoch's running training accuracy and mask density (mean over
-parameter tensors), and the mean seconds per epoch. The "other flags" column shows the flags
+parameter tensors), of the lower bound on the inconsistency I^ε when the runs estimated it
+(--consistency_eps), and the mean seconds per epoch. The "other flags" column shows the flags
 that differ between rows. Runs of several experiments give one section each. Reads only
 config.json, metrics.jsonl and the run's lock and status, never retrains; unfinished or running
 runs are listed on stderr and left out, unreadable ones are skipped with a warning.
@@ -17,8 +18,12 @@ import sys
 from pathlib import Path
 
 from and_mask.core.cli import entry_parser
+from and_mask.core.runfolder import as_typed
 from and_mask.core.runlog import CONFIG
 from and_mask.core.runsets import find_runs, key_flags, load_runs, sections, varying
+
+DENSITY = "mask density"
+INCONSISTENCY = "inconsistency I^ε ≥"  # a lower bound (and_mask.core.consistency)
 
 
 def mean_std(values, scale=100.0, digits=1):
@@ -27,18 +32,15 @@ def mean_std(values, scale=100.0, digits=1):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def flag_value(value):
-    """A flag's value as written on the command line: a list (e.g. --lr_milestones) as comma-separated."""
-    return ",".join(map(str, value)) if isinstance(value, list) else value
-
-
 def numbers(run) -> dict:
     """The table's numbers of one finished run."""
     epochs = [r for r in run.records if r["phase"] == "epoch"]
     densities = list(epochs[-1]["mask_density"].values())
     out = {f"final {k[:-4]} acc (%)": v for k, v in run.records[-1].items() if k.endswith("_acc")}
-    out.update({"last-epoch train acc (%)": epochs[-1]["train_acc"], "mask density": sum(densities) / len(densities),
+    out.update({"last-epoch train acc (%)": epochs[-1]["train_acc"], DENSITY: sum(densities) / len(densities),
                 "s/epoch": statistics.fmean(r["seconds"] for r in epochs)})
+    if "inconsistency" in run.records[-1]:
+        out[INCONSISTENCY] = run.records[-1]["inconsistency"]
     return out
 
 
@@ -69,7 +71,7 @@ def table(groups) -> str:
     for key, runs in sorted(groups.items(), key=lambda item: str(key_flags(item[0]).get("method"))):
         flags = key_flags(key)
         method = f"{flags.get('method')}" + (f" ({flags['package']})" if several_packages else "")
-        other = " ".join(f"--{k} {flag_value(v)}" for k, v in sorted(differing[key].items())
+        other = " ".join(f"--{k} {as_typed(v)}" for k, v in sorted(differing[key].items())
                          if k not in ("method", "package") and v is not None) or "defaults"
         cells = []
         for column in columns:
@@ -77,7 +79,7 @@ def table(groups) -> str:
             if column == "s/epoch":
                 cells.append(f"{statistics.fmean(values):.1f}")
             else:
-                cells.append(mean_std(values, 1, 2) if column == "mask density" else mean_std(values))
+                cells.append(mean_std(values, 1, 2) if column in (DENSITY, INCONSISTENCY) else mean_std(values))
         lines.append(f"| {method} | {other} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ ENTRY_POINTS = (
     "vizualization.toy_landscape",
     "vizualization.plot_runs",
     "vizualization.loss_landscape",
+    "vizualization.consistency",
 )
 
 

@@ -177,3 +177,10 @@ def test_temporal_and_mask_adam_run(data_path, tmp_path):
     records = check_records(tmp_path, 1)
     assert 0 < records[0]["temporal_mask_density"] <= 1
     assert read_config(tmp_path)["flags"]["weight_decay_order"] == "after"
+
+
+def test_consistency_estimate_is_refused_before_training(data_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="env_loaders"):
+        cli.main(cifar, AND_MASK_FLAGS, "and_mask", and_mask_argv(data_path, out, "--consistency_eps", "0.1"))
+    assert read_metrics(out) == []

@@ -214,7 +214,7 @@ def test_resume_compares_only_the_flags_that_change_the_numbers(tmp_path, refere
     folder = tmp_path / "run"
     assert train(folder) is None
     message = train(folder, "--resume", "--lr", "0.5", "--epochs", "3")
-    assert one_line(message) and message.endswith("--epochs 3 (run: 2); --lr 0.5 (run: 0.01)")
+    assert one_line(message) and message.endswith("--epochs 3 (run: 2); --lr 0.5 (run: 0.01); --lr_milestones 2 (run: 1)")
     same = ["--resume", "--grad_engine", "loop", "--grad_chunk_size", "1"]
     assert train(Path(f"{folder}/."), *same) is None  # another spelling of the folder, another engine
     assert records(folder) == records(reference)

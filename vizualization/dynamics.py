@@ -98,28 +98,45 @@ def find_minima(landscape: Landscape, lr: float, radius: float = 1.0, **search) 
     return minima
 
 
-def classify(ends: torch.Tensor, minima: list[Minimum], radius: float = 1.0) -> torch.Tensor:
-    """(N,) index into KINDS: the kind of the nearest minimum within `radius`, else "neither"."""
-    codes = torch.full((ends.shape[0],), KINDS.index("neither"), dtype=torch.long)
+def reached_minimum(ends: torch.Tensor, minima: list[Minimum], radius: float = 1.0) -> torch.Tensor:
+    """(N,) index into `minima` of the nearest minimum within `radius` of each end point, −1 for none."""
+    reached = torch.full((ends.shape[0],), -1, dtype=torch.long)
     if not minima:
-        return codes
+        return reached
     points = torch.tensor([m.point for m in minima], dtype=ends.dtype)
-    kinds = torch.tensor([KINDS.index(m.kind) for m in minima])
     distance = torch.cdist(ends, points)  # NaN for diverged trajectories: never within radius
     nearest = distance.argmin(dim=1)
     close = distance.gather(1, nearest[:, None])[:, 0] <= radius
-    codes[close] = kinds[nearest[close]]
-    return codes
+    reached[close] = nearest[close]
+    return reached
+
+
+def classify(ends: torch.Tensor, minima: list[Minimum], radius: float = 1.0) -> torch.Tensor:
+    """(N,) index into KINDS: the kind of the nearest minimum within `radius`, else "neither"."""
+    kinds = torch.tensor([KINDS.index(m.kind) for m in minima] + [KINDS.index("neither")])
+    return kinds[reached_minimum(ends, minima, radius)]  # index −1 is the appended "neither"
+
+
+def basin_runs(method, hparams, landscape, n: int, repeats: int, steps: int, lr: float, momentum: float = 0.0,
+               noise: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """(repeats·n·n, 2) end points of the `repeats` noisy runs from each of n × n start cells (the
+    landscape's cell centres, x fastest, then y, then the repeat). All runs go at once."""
+    _, _, starts = landscape.grid(n)
+    return method_dynamics(method, hparams, landscape, starts.repeat(repeats, 1), steps, lr, momentum, noise, seed)
+
+
+def basin_fractions(ends: torch.Tensor, minima: list[Minimum], n: int, radius: float = 1.0) -> torch.Tensor:
+    """(3, n, n) fraction of the runs of `basin_runs` from each start cell that reach an invariant
+    minimum, a spurious one or neither (rows: y, columns: x)."""
+    codes = classify(ends, minima, radius).reshape(-1, n, n)
+    return torch.stack([(codes == k).double().mean(0) for k in range(len(KINDS))])
 
 
 def basin_map(method, hparams, landscape, minima, n: int, repeats: int, steps: int, lr: float,
               momentum: float = 0.0, noise: float = 0.0, seed: int = 0, radius: float = 1.0):
-    """(3, n, n) fraction of the `repeats` noisy runs from each of n × n start cells that reach an
-    invariant minimum, a spurious one or neither (rows: y, columns: x). All runs go at once."""
-    _, _, starts = landscape.grid(n)
-    ends = method_dynamics(method, hparams, landscape, starts.repeat(repeats, 1), steps, lr, momentum, noise, seed)
-    codes = classify(ends, minima, radius).reshape(repeats, n, n)
-    return torch.stack([(codes == k).double().mean(0) for k in range(len(KINDS))])
+    """`basin_fractions` of `basin_runs`."""
+    ends = basin_runs(method, hparams, landscape, n, repeats, steps, lr, momentum, noise, seed)
+    return basin_fractions(ends, minima, n, radius)
 
 
 def hessian_eigenvalues(landscape: Landscape, points: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def figure(nrows: int, ncols: int, title: str | None = None):
 MANIFEST = "figures.json"
 MANIFEST_LOCK = "figures.lock"
 OUTPUT_FLAGS = ("out", "dpi", "pdf", "overwrite", "figure_folder")
-EXTENSIONS = (".png", ".pdf")
+EXTENSIONS = (".png", ".pdf", ".json")  # a figure, and the numbers some commands write beside it
 
 
 class FigureFolder:
@@ -108,6 +108,18 @@ class FigureFolder:
         self._record({p.name: {"made_by": self.made_by, "time": time} for p in paths})
         self.written += paths
         return paths
+
+    def save_json(self, obj, name: str) -> Path:
+        """Write the numbers of claimed name `name` as `name`.json, atomically, recorded like a figure."""
+        if name not in self.names:
+            raise ValueError(f"{name!r} was not claimed")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{name}.json"
+        atomic_write_json(path, obj)
+        time = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self._record({path.name: {"made_by": self.made_by, "time": time}})
+        self.written.append(path)
+        return path
 
     def finish(self):
         """Remove the files of the claimed names that this command did not write."""

@@ -9,11 +9,15 @@ Figures (in --out, named after the landscape and method):
   --start, and each environment's loss along it;
 - <landscape>_<method>_basins: from every start cell, the fraction of --repeats noisy runs that
   end at an invariant minimum, a spurious minimum or neither (minima found numerically);
-- <landscape>_hessian: smallest and largest Hessian eigenvalue of each Z_e and of the average.
+- <landscape>_hessian: smallest and largest Hessian eigenvalue of each Z_e and of the average;
+- <landscape>_<method>_consistency: each minimum's ε-regions N^ε_{e,θ*} with the point where
+  I^ε(θ*) is attained, and the I^ε of the minimum each basin-map run reaches; prints
+  `ILC <method> <value>`, minus the mean I^ε over the converged runs (`toy_consistency`).
 """
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import numpy as np
 import torch
@@ -22,14 +26,23 @@ from matplotlib.colors import TwoSlopeNorm
 from and_mask.core.cli import (entry_parser, finite_float, non_negative_float, positive_float, positive_int,
                                probability, seed_int)
 from and_mask.core.combiners import MethodFlags
-from vizualization.dynamics import KINDS, basin_map, find_minima, hessian_eigenvalues, method_dynamics
+from vizualization.dynamics import (KINDS, basin_fractions, basin_runs, find_minima, hessian_eigenvalues,
+                                    method_dynamics, reached_minimum)
 from vizualization.landscapes import DTYPE, LANDSCAPES, default_lr, env_grads, env_losses
-from vizualization.plotting import add_output_flags, claim_figures, figure, run_cli, save
+from vizualization.plotting import add_output_flags, claim_figures, figure, plt, run_cli, save
+from vizualization.toy_consistency import EvaluationGrid, inconsistency, method_ilc
 from vizualization.toy_methods import TOY_METHODS, direction
 
-FIGURES = ("fields", "trajectory", "basins", "hessian")
+FIGURES = ("fields", "trajectory", "basins", "hessian", "consistency")
 METHOD_FLAGS = MethodFlags(TOY_METHODS, required=False, default_method="mean")
 MARKERS = {"invariant": ("*", "gold", 16), "spurious": ("X", "red", 10)}
+
+
+def grid_size(text):
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 nodes per axis, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "within which every environment needs a minimum for an invariant one.")
     group.add_argument("--seed", type=seed_int, default=0, help="Seed of the gradient noise.")
     group.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES), help="The figures to draw.")
+    group = parser.add_argument_group("consistency")
+    group.add_argument("--eps", type=positive_float, default=1.0,
+                       help="ε of the inconsistency I^ε: how far each environment's loss may move inside its region.")
+    group.add_argument("--ilc_grid", type=grid_size, default=481,
+                       help="Nodes per axis of the evaluation grid on which the ε-regions are flood-filled.")
     METHOD_FLAGS.add_flags(parser)
     add_output_flags(parser)
     return parser
@@ -139,10 +157,9 @@ def plot_trajectory(args, landscape, method, hparams, lr, minima):
     return save(fig, args, f"{landscape.name}_{method.name}_trajectory")
 
 
-def plot_basins(args, landscape, method, hparams, lr, minima):
-    repeats = args.repeats if args.noise > 0 else 1  # without noise every repeat is the same run
-    fractions = basin_map(method, hparams, landscape, minima, args.basin_grid, repeats, args.steps, lr,
-                          args.momentum, args.noise, args.seed, args.radius).numpy()
+def plot_basins(args, landscape, method, hparams, lr, minima, ends):
+    repeats = args.repeats if args.noise > 0 else 1
+    fractions = basin_fractions(ends, minima, args.basin_grid, args.radius).numpy()
     overall = ", ".join(f"{kind} {fraction.mean():.3f}" for kind, fraction in zip(KINDS, fractions))
     print(f"basins of {method_label(method, hparams)}, fraction of all runs: {overall}")
     xs, ys, points = _grid(landscape)
@@ -159,6 +176,63 @@ def plot_basins(args, landscape, method, hparams, lr, minima):
         ax.set(title=f"reaches {kind}" + (" minimum" if kind != "neither" else ""), xlabel="x", ylabel="y")
     _legend_below(fig, axes[0, 0])
     return save(fig, args, f"{landscape.name}_{method.name}_basins")
+
+
+def plot_consistency(args, landscape, method, hparams, minima, ends):
+    """Each minimum's ε-regions and maximising points; the I^ε reached from each start cell."""
+    grid = EvaluationGrid.of(landscape, args.ilc_grid)
+    found = [inconsistency(landscape, grid, m.point, args.eps) for m in minima]
+    for m, result in zip(minima, found):
+        e, other = result.pair
+        note = "" if result.resolved else "  (not resolved: some ε-region holds no grid node; use a finer --ilc_grid)"
+        print(f"I^eps of the {m.kind} minimum at ({m.point[0]:.3f}, {m.point[1]:.3f}): {result.value:.4g} "
+              f"(pair env {e + 1} -> env {other + 1}){note}")
+    reached = reached_minimum(ends, minima, args.radius).numpy()
+    ilc, converged = method_ilc([r.value for r in found], reached)
+    print(f"ILC {method.name} {ilc:.6g}")
+    print(f"  over {converged} of {len(reached)} runs that converged (ended within --radius of a minimum), "
+          f"eps={args.eps}, grid {args.ilc_grid}x{args.ilc_grid}")
+    ncols = min(len(minima) + 1, 3)
+    fig, axes = figure(-(-(len(minima) + 1) // ncols), ncols,
+                       f"{landscape.name}: $I^ε$ (ε={args.eps}) of the minima, and where "
+                       f"{method_label(method, hparams)} ends\nILC = {ilc:.4g} over {converged} of "
+                       f"{len(reached)} runs that converged; regions on a {args.ilc_grid}² grid")
+    colours = plt.get_cmap("tab10")(np.arange(landscape.n_envs) % 10)
+    xs, ys, points = _grid(landscape)
+    summed = env_losses(landscape, points).sum(1).reshape(len(ys), len(xs)).numpy()
+    for ax, m, result in zip(axes.flat, minima, found):
+        ax.contour(xs, ys, summed, levels=15, colors="grey", linewidths=0.4, alpha=0.6)
+        for e, colour in enumerate(colours):
+            region = result.regions[e].astype(float)
+            if region.any():
+                ax.contourf(grid.xs, grid.xs, region, levels=[0.5, 1.5], colors=[colour], alpha=0.3)
+            ax.plot([], [], "s", color=colour, alpha=0.5, label=f"$N^ε$ of env {e + 1}")
+            # The point of env e's region farthest in loss from L_e(θ*), over every e′.
+            ax.plot(*result.pair_points[e, result.pair_values[e].argmax()], "o", color=colour,
+                    markeredgecolor="black", markersize=6 if e != result.pair[0] else 10,
+                    label=f"its maximising θ (largest: $I^ε$)" if e == 0 else None)
+        _mark_minima(ax, [m])
+        e, other = result.pair
+        ax.set(title=f"{m.kind} ({m.point[0]:.2f}, {m.point[1]:.2f}): $I^ε$ = {result.value:.3g}\n"
+                     f"pair env {e + 1} → env {other + 1}" + ("" if result.resolved else " (not resolved)"),
+               xlabel="x", ylabel="y", aspect="equal", xlim=(landscape.low, landscape.high),
+               ylim=(landscape.low, landscape.high))
+    ax = axes.flat[len(minima)]
+    values = np.array([r.value for r in found] + [np.nan])[reached]  # index −1: no minimum reached
+    values = values.reshape(-1, args.basin_grid, args.basin_grid)
+    with warnings.catch_warnings():  # a start cell none of whose runs converged stays blank (NaN)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_cell = np.nanmean(values, axis=0)
+    image = ax.imshow(per_cell, origin="lower", extent=(landscape.low, landscape.high, landscape.low, landscape.high),
+                      cmap="viridis")
+    fig.colorbar(image, ax=ax, label="mean $I^ε$ of the minimum reached")
+    ax.contour(xs, ys, summed, levels=15, colors="white", linewidths=0.4, alpha=0.5)
+    _mark_minima(ax, minima)
+    ax.set(title="from each start cell (blank: no run converged)", xlabel="x", ylabel="y")
+    for extra in axes.flat[len(minima) + 1:]:
+        extra.set_axis_off()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize="small")
+    return save(fig, args, f"{landscape.name}_{method.name}_consistency")
 
 
 def plot_hessian(args, landscape):
@@ -196,10 +270,16 @@ def main(argv=None) -> list:
         written += plot_fields(args, landscape, method, hparams, lr, minima)
     if "trajectory" in args.figures:
         written += plot_trajectory(args, landscape, method, hparams, lr, minima)
+    if {"basins", "consistency"} & set(args.figures):
+        repeats = args.repeats if args.noise > 0 else 1  # without noise every repeat is the same run
+        ends = basin_runs(method, hparams, landscape, args.basin_grid, repeats, args.steps, lr, args.momentum,
+                          args.noise, args.seed)
     if "basins" in args.figures:
-        written += plot_basins(args, landscape, method, hparams, lr, minima)
+        written += plot_basins(args, landscape, method, hparams, lr, minima, ends)
     if "hessian" in args.figures:
         written += plot_hessian(args, landscape)
+    if "consistency" in args.figures:
+        written += plot_consistency(args, landscape, method, hparams, minima, ends)
     figures.finish()
     for path in written:
         print(path)

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import torch
 
+from and_mask.core import consistency
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runfolder import RunFolder, outcome, terminate_as_interrupt
@@ -195,6 +196,11 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_re
     group.add_argument("--overwrite", action="store_true",
                        help="Replace the run already in --output_dir, once the new run's setup has succeeded.")
     group.add_argument("--quiet", action="store_true", help="Print no progress bars and no per-epoch lines.")
+    group.add_argument("--consistency_eps", type=positive_float, default=None,
+                       help="After training, estimate a lower bound on the inconsistency I^ε of the trained weights "
+                            "with this ε and add it to the final record of metrics.jsonl (and_mask.core.consistency)."
+                            " Default: no estimate.")
+    consistency.add_search_flags(group, prefix="consistency_")
     parser.set_defaults(**defaults)
 
 
@@ -246,9 +252,13 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
             seed_everything(args.seed)
             setup = experiment.build(args, device)
             folder.start(describe(vars(args), experiment.NAME, package))
+            final_metrics = None
+            if args.consistency_eps is not None:
+                final_metrics = consistency.final_metrics(setup, args.consistency_eps,
+                                                          consistency.settings_from_args(args, "consistency_"))
             trainer = Trainer(setup, method, hparams, RunLog(folder.path), device, engine=args.grad_engine,
                               chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
-                              l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet)
+                              l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet, final_metrics=final_metrics)
             final = trainer.run(resume=folder.resumes)
     except RunError as error:
         sys.exit(f"error: {error}")
@@ -257,6 +267,9 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
         print(f"{ended['error']}; metrics and the last checkpoint are kept in {output_dir}", file=sys.stderr)
         sys.exit(ended["exit_code"])
     print(f"final: {format_record(final)}  (outputs in {output_dir})")
+    if "inconsistency" in final:
+        print(f"inconsistency: I^eps >= {final['inconsistency']:.6g} for eps = {args.consistency_eps}, "
+              f"{consistency.LOWER_BOUND_NOTE}")
     return final
 
 

@@ -73,11 +73,16 @@ def number_flags(flags: dict) -> dict:
     return json.loads(json.dumps(kept, default=str))
 
 
+def as_typed(value) -> str:
+    """A flag's value as typed on the command line: a list (e.g. --lr_milestones) comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def differing_number_flags(old: dict, new: dict) -> list[str]:
     """'--name NEW (run: OLD)' for every flag that changes the numbers and differs."""
     a, b = number_flags(old), number_flags(new)
-    return [f"--{k} {new.get(k, 'absent')} (run: {old.get(k, 'absent')})" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
+    return [f"--{k} {as_typed(new.get(k, 'absent'))} (run: {as_typed(old.get(k, 'absent'))})"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def group_key(config: dict) -> tuple:

@@ -7,7 +7,8 @@ l1_coef·sign(θ) and l2_coef·θ if asked, and steps the optimiser. With a trai
 (`and_mask.core.objectives`) instead of a combiner, the step is one ordinary backward pass of the
 objective's loss. An experiment's stop rule may end training after any epoch (its reason goes into
 the final record as "stopped_early"). After the last epoch the evaluation sets are measured once
-more (phase "final"). Every record goes to metrics.jsonl at once.
+more (phase "final"), together with the optional `final_metrics(model)` (e.g. the consistency
+estimate), which never runs during training. Every record goes to metrics.jsonl at once.
 """
 from __future__ import annotations
 
@@ -88,13 +89,14 @@ class Trainer:
 
     def __init__(self, setup: TrainSetup, method, hparams: dict, runlog: RunLog, device,
                  engine: str = "auto", chunk_size: int | None = None, l1_coef: float = 0.0, quiet: bool = False,
-                 l2_coef: float = 0.0):
+                 l2_coef: float = 0.0, final_metrics: Callable[[nn.Module], dict] | None = None):
         self.setup, self.method, self.hparams, self.runlog = setup, method, hparams, runlog
         self.device, self.engine, self.chunk_size, self.l1_coef, self.quiet = device, engine, chunk_size, l1_coef, quiet
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.objective = self._build_objective() if isinstance(method, Objective) else None
         self.plain = self.objective is None and method.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
+        self.final_metrics = final_metrics
         needs_hvp = self.objective is None and method.needs_hvp and not self.plain
         problem = hvp_unsupported(setup.model) if needs_hvp else None
         if problem:
@@ -263,6 +265,8 @@ class Trainer:
             final["stopped_early"] = reason
             if not self.quiet:
                 print(f"stopped after epoch {last_epoch['epoch']}: {reason}")
+        if self.final_metrics is not None:
+            final.update(self.final_metrics(setup.model))
         self.runlog.log(final)
         self.runlog.save_weights(setup.model, "weights_final.pt")
         # The summary also reports the last epoch's running training loss and accuracy.

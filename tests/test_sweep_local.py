@@ -272,7 +272,7 @@ def test_committed_sweep_files_pass_their_modules_flag_checks(example, tmp_path,
 
 
 def test_the_launcher_writes_the_run_folder_s_own_status_file():
-    assert execute.STATUS == runfolder.STATUS
+    assert (execute.STATUS, execute.LOCK) == (runfolder.STATUS, runfolder.LOCK)
 
 
 def test_a_slurm_job_imports_no_torch():

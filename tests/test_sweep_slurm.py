@@ -154,3 +154,29 @@ def test_detached_launch_then_a_relaunch_leaves_queued_runs_alone(cluster, tmp_p
     until(lambda: {s.status for s in folder.states().values()} == {"finished"}, "the detached jobs", every_s=0.2)
     until(lambda: not slurm.queued_runs(folder, set(folder.states())), "the jobs to leave the queue", every_s=0.2)
     assert main(argv) == 0 and "2 finished; launching 0 new" in capsys.readouterr().err
+
+
+def test_a_job_that_slurm_itself_restarts_resumes_its_run(cluster, tmp_path, monkeypatch):
+    """`scontrol requeue`, as a node failure or a preemption in REQUEUE mode: the same job starts again."""
+    for name, value in dict(cluster, PYTHONPATH=str(ROOT)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **cluster)
+    launcher = subprocess.Popen([sys.executable, "-m", "gen_mask.sweep", "run", "--module", "tests.sweep_fake_run",
+                                 "--seeds", "0", "--flag", "sleep=0.3", "--flag", "epochs=12", "--out", str(out),
+                                 "--launcher", "slurm", "--slurm_poll_s", "0.5", "--quiet"],
+                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    submissions = out / "slurm" / "submissions.jsonl"
+    ((run_id, job_id),) = json.loads(until(lambda: complete_lines(submissions), "the submission")[0])["jobs"].items()
+    run_dir = out / "runs" / run_id
+    until(lambda: len(complete_lines(run_dir / "metrics.jsonl")) >= 2, "the run to train")
+    subprocess.run(["scontrol", "requeue", job_id], env=env, check=True)
+    until(lambda: squeue(cluster, job_id).startswith("PD"), "the requeue", every_s=0.2)
+    time.sleep(REVOKE_S)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    _, err = launcher.communicate(timeout=TIMEOUT_S)
+    assert launcher.returncode == 0, err
+    assert SweepFolder(out).log_path(run_id).read_text().count(" resume: ") == 1
+    epochs = [json.loads(line)["epoch"] for line in complete_lines(run_dir / "metrics.jsonl")]
+    assert epochs == list(range(1, 13))

@@ -20,9 +20,11 @@ from pathlib import Path
 from and_mask.core.files import atomic_write_json
 from gen_mask.sweep.jobs import Job
 
-# The run folder's status file (and_mask.core.runfolder.STATUS), named here so that a SLURM job,
-# which imports this module, does not import torch with the run-folder code (half a gigabyte).
+# The run folder's status and lock files (and_mask.core.runfolder's STATUS and LOCK), named here
+# so that a SLURM job, which imports this module, does not import torch with the run-folder code
+# (half a gigabyte).
 STATUS = "status.json"
+LOCK = "run.lock"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_GRACE_S = 60  # a stopped run gets this long to exit before SIGKILL
 
@@ -41,6 +43,11 @@ def now() -> str:
 def write_status(run_dir: Path, status: str, exit_code: int, error: str | None):
     """status.json as a run writes it, for a run that could not (killed, or not writing one)."""
     atomic_write_json(run_dir / STATUS, {"status": status, "exit_code": exit_code, "error": error, "time": now()})
+
+
+def holds_files(run_dir: Path) -> bool:
+    """Whether a run has started in `run_dir`: it holds a file other than the lock."""
+    return run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir())
 
 
 def _status_file(run_dir: Path):

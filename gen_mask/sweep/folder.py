@@ -36,8 +36,8 @@ from pathlib import Path
 
 from and_mask.core.errors import RunError
 from and_mask.core.files import atomic_write_text, read_json
-from and_mask.core.runfolder import LOCK, FolderLock, is_running, read_status
-from gen_mask.sweep.execute import now
+from and_mask.core.runfolder import FolderLock, is_running, read_status
+from gen_mask.sweep.execute import holds_files, now
 
 SWEEP = "sweep.json"
 RUNS = "runs"
@@ -119,6 +119,6 @@ def run_state(run_dir) -> RunState:
         return RunState("unfinished", error=str(damaged))
     if status is not None:
         return RunState(status["status"], status["exit_code"], status.get("error"), status.get("time"))
-    if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()):
+    if holds_files(run_dir):
         return RunState("unfinished")
     return RunState("empty")

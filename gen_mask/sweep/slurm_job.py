@@ -6,7 +6,9 @@ a while before a job's time limit (and on preemption); submitit then calls
 checkpoint and writes status.json "interrupted") and hands submitit the same command with
 --resume to requeue; the run's --resume drops any metrics past that checkpoint, so no epoch is
 logged twice. The child ignores SIGUSR2 itself (SLURM signals every process of the job), so
-that only this clean stop happens.
+that only this clean stop happens. A job that SLURM itself starts again (after a node failure, or
+a preemption in REQUEUE mode) runs its first command: it adds --resume when the run's folder
+shows that the run has started.
 
 With several tasks per job, every task runs the command with the torch.distributed variables
 (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) exported, for
@@ -33,6 +35,10 @@ class RunCommand:
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # SLURM itself may start a job again (node failure, preemption in REQUEUE mode): a run that
+        # has started in its folder is then continued, whatever the command first submitted.
+        if not self.job.resume and execute.holds_files(self.job.run_dir):
+            self.job = self.job.resumed()
         self._child = execute.start(self.job, self.threads, ignore_signals=(signal.SIGUSR2,))
         try:
             returncode = self._child.wait()

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from and_mask.core.cli import positive_int  # noqa: E402
 from and_mask.core.errors import RunError  # noqa: E402
-from and_mask.core.files import atomic_write, atomic_write_json, locked, read_json  # noqa: E402
+from and_mask.core.files import atomic_write, atomic_write_json, atomic_write_text, locked, read_json  # noqa: E402
 
 PANEL = (4.6, 3.8)  # inches per panel; images are exactly figsize × dpi pixels (no tight cropping)
 
@@ -53,7 +53,7 @@ def figure(nrows: int, ncols: int, title: str | None = None):
 MANIFEST = "figures.json"
 MANIFEST_LOCK = "figures.lock"
 OUTPUT_FLAGS = ("out", "dpi", "pdf", "overwrite", "figure_folder")
-EXTENSIONS = (".png", ".pdf", ".json")  # a figure, and the numbers some commands write beside it
+EXTENSIONS = (".png", ".pdf", ".json", ".md")  # a figure, and the numbers or table some commands write beside it
 
 
 class FigureFolder:
@@ -111,11 +111,18 @@ class FigureFolder:
 
     def save_json(self, obj, name: str) -> Path:
         """Write the numbers of claimed name `name` as `name`.json, atomically, recorded like a figure."""
+        return self._save_file(name, ".json", lambda path: atomic_write_json(path, obj))
+
+    def save_text(self, text: str, name: str) -> Path:
+        """Write the Markdown table of claimed name `name` as `name`.md, atomically, recorded like a figure."""
+        return self._save_file(name, ".md", lambda path: atomic_write_text(path, text))
+
+    def _save_file(self, name: str, suffix: str, write) -> Path:
         if name not in self.names:
             raise ValueError(f"{name!r} was not claimed")
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / f"{name}.json"
-        atomic_write_json(path, obj)
+        path = self.out / f"{name}{suffix}"
+        write(path)
         time = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self._record({path.name: {"made_by": self.made_by, "time": time}})
         self.written.append(path)

@@ -148,6 +148,10 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+# Exit statuses of a run stopped by Ctrl-C (SIGINT) or SIGTERM, as `outcome` gives them.
+INTERRUPTED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit or pre-emption), handled like Ctrl-C."""
 

@@ -139,7 +139,7 @@ def main(argv=None):
         cells, first = summarise(results, methods, args.envs, args.success_acc)
         return table(cells, first, methods, args.envs, args), plot(cells, methods, args.envs, args), (cells, first)
 
-    return analyse(parser, args, specs_of(args, parser, options), "env_count", report)
+    return analyse(parser, args, specs_of(args, parser, options), "env_count", report, figures=())
 
 
 if __name__ == "__main__":

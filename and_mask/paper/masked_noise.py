@@ -29,7 +29,7 @@ import torch
 
 from and_mask.and_mask_utils import agreement_mask
 from and_mask.core.cli import entry_parser, positive_float, positive_int, positive_list, seed_int
-from vizualization.plotting import add_output_flags, figure, run_cli, save
+from vizualization.plotting import add_output_flags, claim_figures, figure, run_cli, save
 
 FIG4_ENVS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 50, 64, 80, 100, 128, 160, 200)
 
@@ -172,13 +172,13 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if min(args.envs) < 2:
         parser.error("--envs: every number of environments must be at least 2")
+    figures = claim_figures(args, "and_mask.paper.masked_noise", ["masked_noise"])
     rows = analyse(args.n_params, args.envs, args.agreement_fraction, args.sigma, args.repeats, args.seed)
     text = table(rows, args.n_params, args.agreement_fraction, args.sigma, args.repeats)
-    paths = plot(rows, args)
-    with open(paths[0].with_suffix(".md"), "w") as f:
-        f.write(text)
+    paths = plot(rows, args) + [figures.save_text(text, "masked_noise")]
+    figures.finish()
     print(text)
-    for path in paths + [paths[0].with_suffix(".md")]:
+    for path in paths:
         print(path)
     return rows
 

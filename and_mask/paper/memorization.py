@@ -159,7 +159,7 @@ def main(argv=None):
         cells = cells_of(results)
         return table(cells, args.taus, args), plot(cells, args.taus, args), cells
 
-    return analyse(parser, args, specs_of(args, options), "memorization", report)
+    return analyse(parser, args, specs_of(args, options), "memorization", report, figures=())
 
 
 if __name__ == "__main__":

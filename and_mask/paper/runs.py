@@ -19,9 +19,10 @@ from pathlib import Path
 
 from and_mask.core.cli import MAX_SEED
 from and_mask.core.errors import RunError
+from and_mask.core.runfolder import INTERRUPTED_EXIT_CODES
 from and_mask.core.runlog import CONFIG, read_config, read_metrics
 from vizualization import plot_runs
-from vizualization.plotting import add_output_flags
+from vizualization.plotting import add_output_flags, claim_figures
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ def run_all(specs, out, dry_run=False) -> list[str]:
         try:
             module.main(argv)
         except SystemExit as stop:
-            message = f"exit status {stop.code}" if isinstance(stop.code, int) else str(stop.code)
-            if message.startswith("interrupted"):  # Ctrl-C ends the whole analysis, not just this run
+            if stop.code in INTERRUPTED_EXIT_CODES:  # Ctrl-C ends the whole analysis, not just this run
                 raise
+            message = f"exit status {stop.code}" if isinstance(stop.code, int) else str(stop.code)
             failures.append(f"{spec.name}: {message}")
             print(f"[{spec.name}] failed: {message}", file=sys.stderr, flush=True)
         finally:
@@ -163,19 +164,23 @@ def collect(specs, out) -> list[dict]:
     return results
 
 
-def analyse(parser, args, specs, name, report):
+def analyse(parser, args, specs, name, report, figures=("accuracy",)):
     """Check and run `specs` into --out (or, with --dry_run, print their commands), then report.
 
     `report(results)` gets the finished runs (`collect`) and returns (Markdown text, figure
-    paths, value); the text is written to --out/NAME.md and printed with the failures and paths,
-    and the value returned (None after a dry run).
+    paths, value); the figures are those named in `figures`, claimed in --out before any run
+    starts (`vizualization.plotting.claim_figures`: another command's figures are not replaced
+    without --overwrite). The text is written to --out/NAME.md and printed with the failures and
+    paths, and the value returned (None after a dry run).
     """
     validate(parser, specs)
+    claimed = None if args.dry_run else claim_figures(args, f"and_mask.paper.{name}", [*figures, name])
     failures = run_all(specs, args.out, args.dry_run)
     if args.dry_run:
         return None
-    text, figures, value = report(collect(specs, args.out))
-    paths = figures + [write_text(args.out, f"{name}.md", text)]
+    text, drawn, value = report(collect(specs, args.out))
+    paths = drawn + [claimed.save_text(text, name)]
+    claimed.finish()
     print(text)
     for line in failures:
         print(f"failed: {line}")
@@ -186,12 +191,7 @@ def analyse(parser, args, specs, name, report):
 
 def plot_curves(args, results) -> list:
     """accuracy.png: every accuracy curve of the runs, mean ± std by method (as `vizualization.plot_runs`)."""
-    groups = plot_runs.group_runs([plot_runs.load_run(r["dir"]) for r in results])
+    experiments = plot_runs.group_runs(plot_runs.load([r["dir"] for r in results]))
+    # An analysis runs one experiment; its groups are the methods (and settings) compared.
+    (groups,) = experiments.values()
     return plot_runs.plot_metric(args, groups, "_acc", "accuracy", "accuracy")
-
-
-def write_text(out, name, text) -> Path:
-    path = Path(out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path

@@ -1,0 +1,23 @@
+"""Sweeps: many runs of any entry module, launched here (a process pool) or on SLURM (submitit).
+
+    python -m gen_mask.sweep run SWEEP.toml --out DIR --launcher local|slurm|dry
+
+`spec` reads and expands the sweep file, `jobs` turns runs into checked commands, `folder` is the
+sweep folder (its layout and how a run's status is read), `execute` runs one command, `local`
+and `slurm` are the launchers (`slurm_job` is what runs on the cluster), `cli` the subcommands
+and `slurm_cluster` a one-node SLURM cluster for trying the SLURM path on one machine.
+"""
+
+
+def build_parser():
+    """The parser of `python -m gen_mask.sweep` (imported when asked: a SLURM job loads this package
+    to run one command and needs none of the launcher's imports)."""
+    from gen_mask.sweep.cli import build_parser as build
+
+    return build()
+
+
+def main(argv=None):
+    from gen_mask.sweep.cli import main as run
+
+    return run(argv)

@@ -1,0 +1,4 @@
+from gen_mask.sweep.cli import main
+
+if __name__ == "__main__":
+    main()

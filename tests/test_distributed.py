@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from and_mask.core.distributed import World, shard_loader
+from and_mask.core.env_split import EnvSplit
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.core.runfolder import differing_number_flags, is_running, number_flags, read_status
 from and_mask.core.runlog import read_metrics
@@ -302,3 +304,25 @@ def test_only_local_batch_statistics_change_the_numbers():
     assert number_flags(flags) == {"lr": 0.1}
     assert differing_number_flags(flags, {**flags, "dist_check_every": 5, "dist_gather_warn_mb": 1.0}) == []
     assert differing_number_flags(flags, {**flags, "dist_bn": "local"}) == ["--dist_bn local (run: exact)"]
+
+
+class TwoRanksHoldingTheSameRows(World):
+    """Rank 0 of 2 whose all-gather repeats its own rows (a stand-in for the other rank)."""
+
+    def __init__(self):
+        super().__init__(0, 2)
+
+    def all_gather_rows(self, tensors, counts):
+        return [torch.cat([t, t]) for t in tensors]
+
+
+def test_gathering_more_than_the_budget_warns_once():
+    split = EnvSplit(TwoRanksHoldingTheSameRows(), gather_warn_mb=1e-4)
+    grads = [torch.randn(2, 10, 10), torch.randn(2, 10)]  # 4 environments: 4 × 110 floats = 1760 bytes
+    with pytest.warns(UserWarning, match="gathers the gradients of all 4 environments, 0.00168 MB per step"):
+        gathered = split.gather(grads, 4)
+    assert [g.shape for g in gathered] == [(4, 10, 10), (4, 10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split.gather(grads, 4)
+        EnvSplit(TwoRanksHoldingTheSameRows(), gather_warn_mb=1.0).gather(grads, 4)

@@ -124,7 +124,7 @@ class EnvSplit:
             rows += [g.output_grads, g.inputs] if isinstance(g, OuterProducts) else [g]
         megabytes = n_envs * sum(r.shape[1:].numel() * r.element_size() for r in rows) / 2 ** 20
         if megabytes > self.gather_warn_mb and not self._warned and self.world.is_leader:
-            warnings.warn(f"every rank gathers the gradients of all {n_envs} environments, {megabytes:.0f} MB per "
+            warnings.warn(f"every rank gathers the gradients of all {n_envs} environments, {megabytes:.3g} MB per "
                           f"step (over --dist_gather_warn_mb {self.gather_warn_mb:g}); only a combiner declared as "
                           "a SumRule avoids that", UserWarning, stacklevel=3)
             self._warned = True

@@ -98,16 +98,11 @@ class World:
         """Σ over ranks of each tensor, in place: tensors of one dtype travel together, in buckets."""
         if self.size == 1 or not tensors:
             return tensors
-        by_dtype = defaultdict(list)
-        for t in tensors:
-            by_dtype[t.dtype].append(t)
-        for group in by_dtype.values():
-            for bucket in _buckets(group, BUCKET_ELEMENTS):
-                flat = torch.cat([t.reshape(-1) for t in bucket])
-                with self._collective("all_reduce", [flat]):
-                    dist.all_reduce(flat)
-                for t, piece in zip(bucket, torch.split(flat, [t.numel() for t in bucket])):
-                    t.copy_(piece.view_as(t))
+        for bucket in _by_dtype_in_buckets(tensors):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            with self._collective("all_reduce", [flat]):
+                dist.all_reduce(flat)
+            _unflatten_into(flat, bucket)
         return tensors
 
     def all_gather_rows(self, tensors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
@@ -155,9 +150,11 @@ class World:
             return
         tensors = [] if buffers_only else [p.data for p in module.parameters()]
         tensors += [b for b in module.buffers()]
-        for t in tensors:
-            with self._collective("broadcast", [t]):
-                dist.broadcast(t, src=0)
+        for bucket in _by_dtype_in_buckets(tensors):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            with self._collective("broadcast", [flat]):
+                dist.broadcast(flat, src=0)
+            _unflatten_into(flat, bucket)
 
     def check_identical(self, tensors: list[torch.Tensor], where: str):
         """RunError naming `where` unless every rank holds the same `tensors` (checksums compared)."""
@@ -263,16 +260,27 @@ class World:
             dist.destroy_process_group()
 
 
-def _buckets(tensors, limit):
-    bucket, size = [], 0
+def _by_dtype_in_buckets(tensors, limit: int = BUCKET_ELEMENTS):
+    """The tensors in groups of one dtype and at most `limit` elements (one larger tensor alone), in order."""
+    by_dtype = defaultdict(list)
     for t in tensors:
-        if bucket and size + t.numel() > limit:
+        by_dtype[t.dtype].append(t)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for t in group:
+            if bucket and size + t.numel() > limit:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(t)
+            size += t.numel()
+        if bucket:
             yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += t.numel()
-    if bucket:
-        yield bucket
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]):
+    """Copy the consecutive pieces of `flat` back into `tensors`."""
+    for t, piece in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+        t.copy_(piece.view_as(t))
 
 
 def launched_ranks() -> int:

@@ -101,6 +101,25 @@ def one_step(world, name: str, one_example_per_env: bool) -> list[torch.Tensor]:
     return [p.grad for p in trainer.params + objective]
 
 
+def vmap_batchnorm_step(world) -> list[torch.Tensor]:
+    """BatchNorm's buffers after one AND-mask step of the vmap engine (each rank forwards its environments)."""
+    torch.manual_seed(0)
+    model = MLP(6, 8, 2, 3, batch_norm=True)
+    inputs, target = torch.randn(15, 6), torch.randint(0, 3, (15,))
+    setup = TrainSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, None, {}, 1)
+    method = COMBINERS["and_mask"]
+    Trainer(setup, method, method.defaults(), None, world.device, engine="vmap", quiet=True,
+            split=EnvSplit(world))._step(inputs, target, 5)
+    buffers = [b.clone() for b in model.buffers()]
+    world.check_identical(buffers, "the running statistics")
+    return buffers
+
+
+@task
+def running_statistics(world, out):
+    _save(world, vmap_batchnorm_step(world), out)
+
+
 @task
 def step_every_method(world, out, one_example_per_env):
     """One step of every registered combiner and objective, the environments split across the ranks."""

@@ -5,6 +5,7 @@ references run in this process. The failure tests start their 2 ranks without to
 variables a launcher exports, as the sweep launcher's SLURM tasks do), so that nothing but the
 run itself stops the other rank.
 """
+import importlib
 import json
 import os
 import shutil
@@ -22,12 +23,14 @@ from and_mask.core.distributed import World, shard_loader
 from and_mask.core.env_split import EnvSplit
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.core.runfolder import differing_number_flags, is_running, number_flags, read_status
-from and_mask.core.runlog import read_metrics
+from and_mask.core.runlog import read_config, read_metrics
 from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
 from gen_mask import run_synthetic
 from gen_mask.gen_mask_utils import COMBINERS, OBJECTIVES
-from distributed_tasks import PLUGIN, fastresnet_problem, one_step, plugin_registered, small_problem
+from distributed_tasks import (PLUGIN, fastresnet_problem, one_step, plugin_registered, small_problem,
+                               vmap_batchnorm_step)
 from interrupted_runs import interrupt
+from cifar_files import write_cifar10_files
 from mnist_files import write_mnist_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,27 @@ METHODS = {"and_mask": ["--agreement_threshold", "0.6"], "geom_mean": ["--agreem
            "pcgrad": [], "mgda": []}
 CHECKED = {"pcgrad": ["--dist_check_every", "1"]}  # 2-rank runs that also compare the ranks' parameters each step
 RESUMED = "and_mask"  # the method of the runs resumed with another number of ranks
+TINY_DATA = ["--num_workers", "0", "--quiet"]
+COLORED_MNIST = ["--init_lr", "0.01", "--weight_decay", "0.001", "--batch_size", "20", "--epochs", "2",
+                 "--n_hidden_units", "16", *TINY_DATA]
+CIFAR = ["--random_labels_fraction", "1.0", "--weight_decay", "1e-06", "--init_lr", "0.0005", "--batch_size", "2",
+         "--train_subset", "4", "--epochs", "1", "--download", "0", *TINY_DATA]
+MODULES = {  # every other training module, tiny (gen_mask.run_synthetic: METHODS), and its data
+    "and_mask.run_synthetic": ["--method", "and_mask", "--agreement_threshold", "0.6", "--scale_grad_inverse_sparsity",
+                               "1", "--n_train_envs", "5", "--n_agreement_envs", "5", "--examples_per_env", "24",
+                               "--batch_size", "8", "--n_hidden_units", "16", "--epochs", "2", "--n_test", "50",
+                               "--quiet"],
+    # one environment per example (20 per step, the outer engine)
+    "and_mask.run_colored_mnist": ["--method", "and_mask", "--agreement_threshold", "1",
+                                   "--scale_grad_inverse_sparsity", "1", "--random_labels_fraction", "0.25",
+                                   *COLORED_MNIST],
+    "gen_mask.run_colored_mnist": ["--method", "pcgrad", "--random_labels_fraction", "0", "--agreement_envs", "color",
+                                   "--protocol", "irm", *COLORED_MNIST],
+    # FastResnet: BatchNorm, each rank forwards the whole batch
+    "and_mask.run_cifar": ["--method", "and_mask", "--agreement_threshold", "0.2", "--scale_grad_inverse_sparsity",
+                           "1", *CIFAR],
+    "gen_mask.run_cifar": ["--method", "geom_mean", *CIFAR],
+}
 
 
 def argv(method, output_dir=None, *extra):
@@ -74,10 +98,18 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     for method in METHODS:
         run_synthetic.main(argv(method, tmp / f"one-{method}"))
+    write_mnist_files(tmp / "data", "mnist", n_train=240, n_test=20, seed=1)
+    write_cifar10_files(tmp / "data", n_train_per_batch=2, n_test=4)
+    modules = {module: [*flags, "--data_path", str(tmp / "data")] if "synthetic" not in module else flags
+               for module, flags in MODULES.items()}
+    for module, flags in modules.items():
+        importlib.import_module(module).main([*flags, "--output_dir", str(tmp / f"one-{module}")])
     with pytest.MonkeyPatch.context() as patch:  # a 1-rank run stopped after epoch 1, resumed by 2 ranks
         interrupt(run_synthetic.main, argv(RESUMED), tmp / "one-then-two", patch, stop_after_epoch=1)
     plan = [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
                                        "argv": argv(m, tmp / f"two-{m}", *CHECKED.get(m, []))}} for m in METHODS]
+    plan += [{"task": "train", "args": {"module": module, "argv": [*flags, "--output_dir", str(tmp / f"two-{module}")]}}
+             for module, flags in modules.items()]
     plan += [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
                                         "argv": argv(RESUMED, tmp / "one-then-two", "--resume")}},
              {"task": "step_every_method", "args": {"out": str(tmp / "steps.pt"), "one_example_per_env": False}},
@@ -85,6 +117,7 @@ def runs(tmp_path_factory):
              {"task": "batchnorm_grads", "args": {"images": str(fashion_mnist_images(tmp)),
                                                   "out": str(tmp / "bn.pt")}},
              {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}},
+             {"task": "running_statistics", "args": {"out": str(tmp / "running.pt")}},
              {"task": "checksums", "args": {"out": str(tmp / "checksums.pt")}}]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(TASKS), plan_file(tmp / "plan.json", plan)], cwd=ROOT, env=environment(),
@@ -94,7 +127,7 @@ def runs(tmp_path_factory):
 
 
 def assert_same_records(got, expected):
-    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] and len(got) == 4
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] and got
     for a, b in zip(got, expected):
         assert a.keys() == b.keys()
         for key in a:
@@ -111,7 +144,16 @@ def assert_same_records(got, expected):
 def test_two_ranks_give_the_metrics_of_one(runs, method):
     """5 environments over 2 ranks (3 and 2): the same training as one process, epoch by epoch."""
     assert_same_records(read_metrics(runs / f"two-{method}"), read_metrics(runs / f"one-{method}"))
+    assert len(read_metrics(runs / f"two-{method}")) == 4  # 3 epochs and the final evaluation
     assert (runs / f"two-{method}" / "weights_final.pt").exists()
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_training_module_runs_split_across_two_ranks(runs, module):
+    """Each `python -m MODULE` under torchrun: the metrics of one process, a finished 2-rank run folder."""
+    run_dir = runs / f"two-{module}"
+    assert_same_records(read_metrics(run_dir), read_metrics(runs / f"one-{module}"))
+    assert read_config(run_dir)["ranks"] == 2 and read_status(run_dir)["status"] == "finished"
 
 
 def test_a_one_rank_checkpoint_resumes_with_two_ranks(runs):
@@ -171,6 +213,13 @@ def assert_float32_close(a, b):
 
 def mean_loss_grads(model, inputs, target):
     return torch.autograd.grad(F.cross_entropy(model(inputs), target), list(model.parameters()))
+
+
+def test_the_vmap_engine_keeps_the_running_statistics_of_the_whole_batch(runs):
+    """Each rank forwards its environments for their gradients, then the whole batch for BatchNorm's
+    running statistics: those of one process, on every rank (checked in the task)."""
+    for a, b in zip(torch.load(runs / "running.pt"), vmap_batchnorm_step(World())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_ranks_that_differ_are_told_apart(runs):

@@ -12,6 +12,9 @@ Forward pass.
   (`--dist_bn exact`) every rank forwards the WHOLE batch, so the batch statistics (and the
   dropout draws) are those of one process, and back-propagates only its environments' losses.
   Exact, and the E backward passes through the batch are split K ways.
+- The vmap engine with BatchNorm normalises every environment with its own statistics, so each
+  rank forwards only its environments; the running statistics (evaluation's) are still those
+  of one process's step: every rank updates them with one forward pass of the whole batch.
 - `--dist_bn local`: each rank forwards only its examples, normalised with their own batch
   statistics, as DistributedDataParallel does. A different model (the per-rank statistics
   depend on K); the running statistics used for evaluation are rank 0's, as with DDP.
@@ -44,7 +47,8 @@ from torch import nn
 
 from and_mask.core.combiners import Combiner, SumRule, apply_combiner
 from and_mask.core.distributed import World
-from and_mask.core.per_env_grads import OuterProducts, couples_examples, has_active_dropout, resolve_engine
+from and_mask.core.per_env_grads import (OuterProducts, batch_statistics_only, couples_examples, has_active_dropout,
+                                         resolve_engine)
 
 DIST_BN = ("exact", "local")
 MAX_INT8_COUNT = 127  # sign counts of up to this many environments travel as int8
@@ -93,6 +97,19 @@ class EnvSplit:
         if self.world.size == 1 or batch.whole or not has_active_dropout(model):
             return nullcontext()
         return _rank_stream(self.world)
+
+    @contextmanager
+    def whole_batch_statistics(self, model: nn.Module, batch: LocalBatch, inputs: torch.Tensor):
+        """Around the gradients of a rank that forwards only its environments: BatchNorm's running
+        statistics are then updated by a forward pass of the whole batch `inputs` instead (not
+        with --dist_bn local, whose statistics are each rank's own)."""
+        if batch.whole or self.bn == "local" or not couples_examples(model):
+            yield
+            return
+        with batch_statistics_only(model):
+            yield
+        with torch.no_grad():
+            model(inputs)
 
     # ---- gradients ------------------------------------------------------------------------------
 

@@ -174,8 +174,9 @@ class Trainer:
                 env_losses, output = self._mean_backward(batch, n_envs)
                 split.sum_grads(params)
             else:
-                result = per_env_grads(model, batch.inputs, batch.target, self.setup.loss_fn, batch.n_envs,
-                                       batch.engine, self.chunk_size, accepts_outer=True, envs=batch.own)
+                with split.whole_batch_statistics(model, batch, inputs):
+                    result = per_env_grads(model, batch.inputs, batch.target, self.setup.loss_fn, batch.n_envs,
+                                           batch.engine, self.chunk_size, accepts_outer=True, envs=batch.own)
                 # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
                 hvp = (split.share_hvp(env_hvp(model, batch.inputs, batch.target, self.setup.loss_fn, batch.n_envs,
                                                batch.engine, self.chunk_size) if batch.n_envs else None,

@@ -46,10 +46,14 @@ def plugin_registered():
         del COMBINERS[PLUGIN]
 
 
-def small_problem(one_example_per_env: bool):
-    """(model, inputs, target, n_envs, loss_fn): an MLP on 5 environments, or 7 one-example ones (outer engine)."""
+LAYOUTS = {"envs": (5, 3), "examples": (7, 1), "one env": (1, 3)}  # (environments, examples of each)
+
+
+def small_problem(layout: str = "envs"):
+    """(model, inputs, target, n_envs, loss_fn): an MLP on 5 environments of 3 examples, 7 one-example ones
+    (the outer engine) or one environment (fewer than the ranks)."""
     torch.manual_seed(0)
-    n_envs, per_env = (7, 1) if one_example_per_env else (5, 3)
+    n_envs, per_env = LAYOUTS[layout]
     model = MLP(6, 8, 1, 3, False, 0.0)
     inputs = torch.randn(n_envs * per_env, 6)
     target = torch.randint(0, 3, (n_envs * per_env,))
@@ -88,9 +92,9 @@ def train_failing(world, module, argv, rank, epoch):
     importlib.import_module(module).main(argv)
 
 
-def one_step(world, name: str, one_example_per_env: bool) -> list[torch.Tensor]:
+def one_step(world, name: str, layout: str) -> list[torch.Tensor]:
     """The gradients one training step of method `name` writes (model's, then an objective's own)."""
-    model, inputs, target, n_envs, loss_fn = small_problem(one_example_per_env)
+    model, inputs, target, n_envs, loss_fn = small_problem(layout)
     method = COMBINERS[name] if name in COMBINERS else OBJECTIVES[name]
     setup = TrainSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, None, {}, 1,
                        steps_per_epoch=1, env_loaders=[None] * n_envs)
@@ -120,11 +124,17 @@ def running_statistics(world, out):
     _save(world, vmap_batchnorm_step(world), out)
 
 
+def methods_of(layout: str) -> list[str]:
+    """The methods stepped with `layout`: every combiner, and every objective unless each rank cannot have
+    an environment (the objectives refuse that)."""
+    return sorted({*COMBINERS, *OBJECTIVES} if LAYOUTS[layout][0] > 1 else COMBINERS)
+
+
 @task
-def step_every_method(world, out, one_example_per_env):
+def step_every_method(world, out, layout):
     """One step of every registered combiner and objective, the environments split across the ranks."""
     with plugin_registered():
-        results = {name: one_step(world, name, one_example_per_env) for name in sorted({*COMBINERS, *OBJECTIVES})}
+        results = {name: one_step(world, name, layout) for name in methods_of(layout)}
     _save(world, results, out)
 
 
@@ -168,15 +178,15 @@ def traffic(world, out):
     with plugin_registered():
         for name, hparams in (("and_mask", {"agreement_threshold": 0.5}), ("geom_mean", {}), ("sand_mask", {}),
                               ("majority_vote", {}), ("mean", {}), ("pcgrad", {}), (PLUGIN, {})):
-            for one_example_per_env in (False, True):
-                model, inputs, target, n_envs, loss_fn = small_problem(one_example_per_env)
+            for layout in ("envs", "examples"):
+                model, inputs, target, n_envs, loss_fn = small_problem(layout)
                 setup = TrainSetup(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, None, {}, 1)
                 combiner = COMBINERS[name]
                 trainer = Trainer(setup, combiner, {**combiner.defaults(), **hparams}, None, world.device, quiet=True,
                                   split=EnvSplit(world))
                 world.traffic.clear()
                 trainer._step(inputs, target, n_envs)
-                results[name, one_example_per_env] = {kind: dict(v) for kind, v in world.traffic.items()}
+                results[name, layout == "examples"] = {kind: dict(v) for kind, v in world.traffic.items()}
     _save(world, results, out)
 
 

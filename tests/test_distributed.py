@@ -27,8 +27,8 @@ from and_mask.core.runlog import read_config, read_metrics
 from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
 from gen_mask import run_synthetic
 from gen_mask.gen_mask_utils import COMBINERS, OBJECTIVES
-from distributed_tasks import (PLUGIN, fastresnet_problem, one_step, plugin_registered, small_problem,
-                               vmap_batchnorm_step)
+from distributed_tasks import (LAYOUTS, PLUGIN, fastresnet_problem, methods_of, one_step, plugin_registered,
+                               small_problem, vmap_batchnorm_step)
 from interrupted_runs import interrupt
 from cifar_files import write_cifar10_files
 from mnist_files import write_mnist_files
@@ -112,8 +112,8 @@ def runs(tmp_path_factory):
              for module, flags in modules.items()]
     plan += [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
                                         "argv": argv(RESUMED, tmp / "one-then-two", "--resume")}},
-             {"task": "step_every_method", "args": {"out": str(tmp / "steps.pt"), "one_example_per_env": False}},
-             {"task": "step_every_method", "args": {"out": str(tmp / "steps-outer.pt"), "one_example_per_env": True}},
+             *[{"task": "step_every_method", "args": {"out": str(tmp / f"steps-{layout}.pt"), "layout": layout}}
+               for layout in LAYOUTS],
              {"task": "batchnorm_grads", "args": {"images": str(fashion_mnist_images(tmp)),
                                                   "out": str(tmp / "bn.pt")}},
              {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}},
@@ -160,18 +160,19 @@ def test_a_one_rank_checkpoint_resumes_with_two_ranks(runs):
     assert_same_records(read_metrics(runs / "one-then-two"), read_metrics(runs / f"one-{RESUMED}"))
 
 
-@pytest.mark.parametrize("outer", [False, True])
-def test_every_method_across_ranks_equals_one_process(runs, outer):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_method_across_ranks_equals_one_process(runs, layout):
     """One training step of every combiner (sum rules add up per-rank sums; the others, a plugin that
     declares nothing among them, gather the gradients; lookahead's Hessian-vector products are
     gathered too) and of every objective (their terms gathered, their gradients summed), 5
-    environments over 2 ranks; one example per environment takes the outer engine, whose factors
-    are what travels."""
-    got = torch.load(runs / ("steps-outer.pt" if outer else "steps.pt"))
+    environments over 2 ranks; 7 one-example environments take the outer engine, whose factors
+    are what travels; one environment leaves rank 1 none (every combiner, also the mean's one
+    backward pass)."""
+    got = torch.load(runs / f"steps-{layout}.pt")
     with plugin_registered():
-        assert set(got) == {*COMBINERS, *OBJECTIVES}
+        assert set(got) == set(methods_of(layout)) and PLUGIN in got and "mean" in got
         for name, grads in got.items():
-            for a, b in zip(grads, one_step(World(), name, outer)):
+            for a, b in zip(grads, one_step(World(), name, layout)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
@@ -231,7 +232,7 @@ def test_bytes_per_step_by_kind_of_combiner(runs):
     """Payloads of one step's collectives (P parameters, E = 5 environments, K = 2 ranks), against
     DistributedDataParallel's one all-reduce of the mean gradient (4P bytes in float32)."""
     got = torch.load(runs / "traffic.pt")
-    model, *_ = small_problem(False)
+    model, *_ = small_problem()
     p = sum(t.numel() for t in model.parameters())
     factored = sum(m.in_features + 2 * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     totals = 16  # the step's loss sum and correct count (float64), the batch being split

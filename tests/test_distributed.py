@@ -230,7 +230,8 @@ def test_ranks_that_differ_are_told_apart(runs):
 
 def test_bytes_per_step_by_kind_of_combiner(runs):
     """Payloads of one step's collectives (P parameters, E = 5 environments, K = 2 ranks), against
-    DistributedDataParallel's one all-reduce of the mean gradient (4P bytes in float32)."""
+    DistributedDataParallel's one all-reduce of the mean gradient (4P bytes in float32); one call
+    per round of sums and dtype (sums of all parameters together), one all-gather of all rows."""
     got = torch.load(runs / "traffic.pt")
     model, *_ = small_problem()
     p = sum(t.numel() for t in model.parameters())
@@ -238,14 +239,16 @@ def test_bytes_per_step_by_kind_of_combiner(runs):
     totals = 16  # the step's loss sum and correct count (float64), the batch being split
     sums = {"and_mask": 4 * p + p, "geom_mean": 4 * p + p + 4 * p, "sand_mask": 4 * p + p + 4 * p,
             "majority_vote": p, "mean": 4 * p}  # sign counts travel as int8
+    calls = {"and_mask": 2, "geom_mean": 2, "sand_mask": 3, "majority_vote": 1, "mean": 1}  # (round, dtype)s
     for (name, outer), traffic in got.items():
         if name in sums:
             assert traffic.keys() == {"all_reduce"}
             assert traffic["all_reduce"]["bytes"] == sums[name] + totals, (name, outer)
+            assert traffic["all_reduce"]["calls"] == calls[name] + 1, (name, outer)
         else:  # gathered: 2 ranks × the larger share of E (5, or 7 one-example environments) rows
             rows = 4 if outer else 3
             assert traffic["all_gather"]["bytes"] == 2 * rows * 4 * (factored if outer else p), (name, outer)
-            assert traffic["all_reduce"]["bytes"] == totals
+            assert traffic["all_gather"]["calls"] == 1 and traffic["all_reduce"]["bytes"] == totals
 
 
 def free_port():

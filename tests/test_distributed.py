@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,16 +95,12 @@ def fashion_mnist_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """1-rank references here, then one torchrun launch of every 2-rank task."""
+    """One torchrun launch of every 2-rank task, while the 1-rank references run here."""
     tmp = tmp_path_factory.mktemp("distributed")
-    for method in METHODS:
-        run_synthetic.main(argv(method, tmp / f"one-{method}"))
     write_mnist_files(tmp / "data", "mnist", n_train=240, n_test=20, seed=1)
     write_cifar10_files(tmp / "data", n_train_per_batch=2, n_test=4)
     modules = {module: [*flags, "--data_path", str(tmp / "data")] if "synthetic" not in module else flags
                for module, flags in MODULES.items()}
-    for module, flags in modules.items():
-        importlib.import_module(module).main([*flags, "--output_dir", str(tmp / f"one-{module}")])
     with pytest.MonkeyPatch.context() as patch:  # a 1-rank run stopped after epoch 1, resumed by 2 ranks
         interrupt(run_synthetic.main, argv(RESUMED), tmp / "one-then-two", patch, stop_after_epoch=1)
     plan = [{"task": "train", "args": {"module": "gen_mask.run_synthetic",
@@ -119,10 +116,19 @@ def runs(tmp_path_factory):
              {"task": "traffic", "args": {"out": str(tmp / "traffic.pt")}},
              {"task": "running_statistics", "args": {"out": str(tmp / "running.pt")}},
              {"task": "checksums", "args": {"out": str(tmp / "checksums.pt")}}]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(TASKS), plan_file(tmp / "plan.json", plan)], cwd=ROOT, env=environment(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(TASKS), plan_file(tmp / "plan.json", plan)], cwd=ROOT, env=environment(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for method in METHODS:
+            run_synthetic.main(argv(method, tmp / f"one-{method}"))
+        for module, flags in modules.items():
+            importlib.import_module(module).main([*flags, "--output_dir", str(tmp / f"one-{module}")])
+        stdout, stderr = launch.communicate(timeout=TIMEOUT_S)
+    finally:
+        if launch.poll() is None:  # torchrun and its ranks
+            os.killpg(launch.pid, signal.SIGKILL)
+    assert launch.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return tmp
 
 

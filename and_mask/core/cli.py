@@ -171,6 +171,11 @@ def use_cuda_flag(text):
     return text
 
 
+def parser_defaults(parser: argparse.ArgumentParser) -> dict:
+    """{flag: default} of every flag of `parser`."""
+    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
+
+
 def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_required: bool):
     """The flags of every training run; an experiment may change their `defaults` and require --output_dir."""
     group = parser.add_argument_group("run")
@@ -281,7 +286,7 @@ def _train(experiment, method, hparams, args, package, parser, world) -> dict:
         f"{package}-{experiment.NAME}-{args.method}"))
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
-        defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+        defaults = parser_defaults(parser)
         holding = RunFolder(output_dir, mode, vars(args), defaults=defaults) if world.is_leader else nullcontext()
         # A failure on any rank (rank 0's refusal of the folder too) ends every rank.
         with terminate_as_interrupt(), distributed.stop_together(world), holding as folder:

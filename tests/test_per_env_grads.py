@@ -1,13 +1,20 @@
 """Every fast path against the plain per-environment loop (the original algorithm)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from and_mask import and_mask_utils
 from and_mask.and_mask_utils import get_grads, get_grads_from_model
+from and_mask.core.errors import RunError
 from and_mask.core.per_env_grads import OuterProducts, per_env_grads, resolve_engine
 from and_mask.models import MLP
 
+REPO = Path(__file__).resolve().parents[1]
 N_ENVS, BATCH = 6, 5
 
 
@@ -197,8 +204,20 @@ def test_outer_engine_applies_only_where_exact():
     assert resolve_engine(MLP(3, 4, 1), "auto", 8, 8) == "vmap"  # caller cannot take factors
     assert resolve_engine(MLP(3, 4, 1), "auto", 16, 8, accepts_outer=True) == "vmap"  # 2 examples per env
     assert resolve_engine(MLP(3, 4, 1, batch_norm=True), "auto", 8, 8, accepts_outer=True) == "shared"
-    with pytest.raises(ValueError, match="outer engine"):
+    with pytest.raises(RunError, match="outer needs one example per environment"):
         resolve_engine(MLP(3, 4, 1, dropout_p=0.2), "outer", 8, 8, accepts_outer=True)
+
+
+def test_a_run_that_asks_for_outer_where_it_does_not_apply_ends_with_one_line(tmp_path):
+    command = [sys.executable, "-m", "gen_mask.run_synthetic", "--method", "and_mask", "--grad_engine", "outer",
+               "--batch_norm", "1", "--epochs", "1", "--examples_per_env", "16", "--batch_size", "8",
+               "--n_test", "16", "--quiet", "--use_cuda", "0", "--output_dir", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["error: --grad_engine outer needs one example per environment, a model "
+                                                "whose trainable parameters all sit in nn.Linear layers (no BatchNorm, "
+                                                "no active dropout), and a caller that accepts factored gradients"]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5, 1.0])

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from and_mask.core.errors import RunError
+
 ENGINES = ("auto", "outer", "vmap", "shared", "loop")
 
 
@@ -105,9 +107,9 @@ def resolve_engine(model: nn.Module, engine: str, n_examples: int | None = None,
         raise ValueError(f"unknown gradient engine '{engine}'; valid: {', '.join(ENGINES)}")
     outer = accepts_outer and n_examples is not None and outer_applies(model, n_examples, n_envs)
     if engine == "outer" and not outer:
-        raise ValueError("the outer engine needs one example per environment, a model whose trainable parameters "
-                         "all sit in nn.Linear layers (no BatchNorm, no active dropout), and a caller that accepts "
-                         "factored gradients")
+        raise RunError("--grad_engine outer needs one example per environment, a model whose trainable "
+                       "parameters all sit in nn.Linear layers (no BatchNorm, no active dropout), and a caller that "
+                       "accepts factored gradients")
     if engine != "auto":
         return engine
     if outer:

@@ -23,6 +23,7 @@ ENTRY_POINTS = (
     "gen_mask.run_erm_irm",
     "gen_mask.sweep",
     "gen_mask.sweep run",
+    "gen_mask.sweep collect",
     "gen_mask.sweep.slurm_cluster",
     "vizualization.toy_landscape",
     "vizualization.plot_runs",

@@ -19,10 +19,11 @@ import sys
 import tomllib
 
 from and_mask.core.cli import HelpFormatter, entry_parser, non_negative_int, positive_int, seed_int
+from and_mask.core.collect import SELECTIONS
 from and_mask.core.errors import RunError
 from gen_mask.sweep import local, slurm
 from gen_mask.sweep.folder import SweepFolder
-from gen_mask.sweep.jobs import Job, interfaces
+from gen_mask.sweep.jobs import Job, carried_env, interfaces
 from gen_mask.sweep.spec import Run, expand, load_spec, parse_spec
 
 SHOWN_FAILURES = 10  # failed runs listed after a launch
@@ -142,7 +143,7 @@ def _plan(runs, found, folder: SweepFolder, args) -> tuple[list[Job], dict]:
         interface = found[run.module]
         jobs.append(Job(run_id=run.id, module=run.module, args=tuple(run.args), output_flag=interface.output_flag,
                         resume_flag=interface.resume_flag, run_dir=folder.run_dir(run.id).resolve(),
-                        log=folder.log_path(run.id).resolve(), resume=status != "empty"))
+                        log=folder.log_path(run.id).resolve(), resume=status != "empty", env=carried_env()))
     return jobs, counts
 
 
@@ -200,7 +201,31 @@ def run_main(args, parser) -> int:
         return _report(folder)
 
 
-COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_flags, run_main)}
+def add_collect_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("out", metavar="DIR", help="The sweep folder (the --out of `run`).")
+    parser.add_argument("--selection", choices=[s for s in SELECTIONS if not SELECTIONS[s].reads_test],
+                        default="training_domain",
+                        help="The rule, fixed in advance, that chooses each method's setting where a task searches "
+                             "hyper-parameters; the oracle's choice (by the test metric) is always shown apart.")
+    parser.add_argument("--quiet", action="store_true", help="Print nothing but warnings and errors.")
+
+
+def collect_main(args, parser) -> int:
+    """Write DIR/leaderboard.md, .csv and .png and print the Markdown."""
+    from gen_mask.sweep import leaderboard_files
+    from gen_mask.sweep.collect import collect
+
+    if not SweepFolder(args.out).exists():
+        parser.error(f"{args.out} holds no sweep (no sweep.json): give the --out of `python -m gen_mask.sweep run`")
+    text = leaderboard_files.write(args.out, collect(args.out, args.selection), args.selection)
+    if not args.quiet:
+        print(text)
+    return 0
+
+
+COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_flags, run_main),
+            "collect": ("Tabulate a sweep folder: DIR/leaderboard.md, leaderboard.csv and leaderboard.png.",
+                        add_collect_flags, collect_main)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,16 +69,23 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated seeds in [0, 2**32 - 1], got {text}")
 
 
-def add_run_flags(parser: argparse.ArgumentParser):
-    parser.add_argument("sweep", nargs="?", default=None,
-                        help="The sweep file (TOML). Default: the sweep given by --module and the flags below, or "
-                             "else the one saved in --out.")
+def add_launch_flags(parser: argparse.ArgumentParser):
+    """The flags of a launch: the sweep folder, the launcher and each launcher's own flags."""
     parser.add_argument("--out", required=True, help="The sweep folder (sweep.json, runs/, logs/, slurm/).")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="Where the runs go: local processes, a SLURM job array, or printed commands (dry).")
     parser.add_argument("--retry_failed", action="store_true",
                         help="Also rerun failed runs (from their last checkpoint where the module resumes).")
     parser.add_argument("--quiet", action="store_true", help="Show no progress bar.")
+    for add_flags, _ in LAUNCHERS.values():
+        add_flags(parser)
+
+
+def add_run_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("sweep", nargs="?", default=None,
+                        help="The sweep file (TOML). Default: the sweep given by --module and the flags below, or "
+                             "else the one saved in --out.")
+    add_launch_flags(parser)
     group = parser.add_argument_group("a sweep from flags (instead of a file)")
     group.add_argument("--module", default=None,
                        help="The entry module of every run, e.g. gen_mask.run_synthetic. Default: none, the sweep "
@@ -97,8 +104,6 @@ def add_run_flags(parser: argparse.ArgumentParser):
     group.add_argument("--n_random", type=positive_int, default=None,
                        help="Draws of the random search. Default: none, which --random needs.")
     group.add_argument("--random_seed", type=non_negative_int, default=0, help="Seed of the random search's draws.")
-    for add_flags, _ in LAUNCHERS.values():
-        add_flags(parser)
 
 
 def _spec_from_flags(args) -> dict:
@@ -164,11 +169,16 @@ def _report(folder: SweepFolder) -> int:
 
 
 def run_main(args, parser) -> int:
+    return launch(_tasks(args, parser), args, parser)
+
+
+def launch(tasks, args, parser) -> int:
+    """Save the sweep of `tasks` (None: the one saved in args.out) and launch its runs that have not
+    finished, with the flags of `add_launch_flags`; 0 when every run has finished."""
     if args.launcher == "slurm" and args.slurm_time * 60 <= args.slurm_signal_delay_s:
         parser.error(f"--slurm_time ({args.slurm_time} min) must exceed --slurm_signal_delay_s "
                      f"({args.slurm_signal_delay_s} s), when a job is told to stop")
     folder = SweepFolder(args.out)
-    tasks = _tasks(args, parser)
     with folder.lock():
         if tasks is None:
             saved = folder.read()
@@ -210,16 +220,20 @@ def add_collect_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--quiet", action="store_true", help="Print nothing but warnings and errors.")
 
 
-def collect_main(args, parser) -> int:
-    """Write DIR/leaderboard.md, .csv and .png and print the Markdown."""
+def write_leaderboard(out, selection: str, quiet: bool):
+    """Write DIR/leaderboard.md, .csv and .png of the sweep folder `out`; print the Markdown unless `quiet`."""
     from gen_mask.sweep import leaderboard_files
     from gen_mask.sweep.collect import collect
 
+    text = leaderboard_files.write(out, collect(out, selection), selection)
+    if not quiet:
+        print(text)
+
+
+def collect_main(args, parser) -> int:
     if not SweepFolder(args.out).exists():
         parser.error(f"{args.out} holds no sweep (no sweep.json): give the --out of `python -m gen_mask.sweep run`")
-    text = leaderboard_files.write(args.out, collect(args.out, args.selection), args.selection)
-    if not args.quiet:
-        print(text)
+    write_leaderboard(args.out, args.selection, args.quiet)
     return 0
 
 

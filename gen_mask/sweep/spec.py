@@ -276,16 +276,20 @@ def parse_spec(raw: dict, where: str = "sweep") -> list[Task]:
     return tasks
 
 
-def load_spec(path) -> list[Task]:
-    """The tasks of the sweep file at `path`."""
+def read_spec(path) -> dict:
+    """The sweep file at `path` as a dict, not yet checked (`parse_spec` checks it)."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as error:
         raise RunError(f"cannot read the sweep file {path}: {error.strerror}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{path} is not valid TOML: {error}")
-    return parse_spec(raw, str(path))
+
+
+def load_spec(path) -> list[Task]:
+    """The tasks of the sweep file at `path`."""
+    return parse_spec(read_spec(path), str(path))
 
 
 def draw(spec: dict, random_seed: int, name: str, index: int):

@@ -25,6 +25,7 @@ ENTRY_POINTS = (
     "gen_mask.sweep run",
     "gen_mask.sweep collect",
     "gen_mask.sweep.slurm_cluster",
+    "gen_mask.leaderboard",
     "vizualization.toy_landscape",
     "vizualization.plot_runs",
     "vizualization.loss_landscape",

@@ -13,12 +13,11 @@ runs are listed on stderr and left out, unreadable ones are skipped with a warni
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 from and_mask.core.cli import entry_parser
-from and_mask.core.collect import Metric, flags_text, run_groups
+from and_mask.core.collect import Metric, flags_text, run_groups, stat
 from and_mask.core.runlog import CONFIG
 from and_mask.core.runsets import find_runs, load_runs, varying
 
@@ -27,9 +26,9 @@ INCONSISTENCY = "inconsistency I^ε ≥"  # a lower bound (and_mask.core.consist
 
 
 def mean_std(values, scale=100.0, digits=1):
-    mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """'95.2 ± 8.3': `collect.stat` of `values`, scaled (default: a fraction as a percentage)."""
+    s = stat(values)
+    return f"{scale * s.mean:.{digits}f} ± {scale * s.std:.{digits}f}"
 
 
 def columns(groups) -> list[tuple[str, str]]:

@@ -123,6 +123,17 @@ def training_values(records: list[dict]) -> dict:
     return values
 
 
+UNREADABLE = "its metrics.jsonl lacks the numbers of a finished run"
+
+
+def finished_values(records: list[dict]) -> dict:
+    """`training_values` of a run that has finished; RunError (UNREADABLE) when the records lack them."""
+    try:
+        return training_values(records)
+    except (KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError, ValueError):
+        raise RunError(UNREADABLE) from None
+
+
 def flags_text(flags: dict) -> str:
     """'--lr 0.01 --tau 1': flags as typed (a list-valued flag comma-separated)."""
     return " ".join(f"--{k} {as_typed(v)}" for k, v in sorted(flags.items()) if v is not None)
@@ -180,10 +191,10 @@ def run_groups(runs) -> dict:
             for run in members:
                 if run.finished:
                     try:
-                        group.samples.append(training_values(run.records))
-                    except (KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError, ValueError):
-                        warn(f"skipping {run.path}: its metrics.jsonl lacks the numbers of a finished run")
-                        group.count("failed", "its metrics.jsonl lacks the numbers of a finished run", str(run.path))
+                        group.samples.append(finished_values(run.records))
+                    except RunError as unreadable:
+                        warn(f"skipping {run.path}: {unreadable}")
+                        group.count("failed", str(unreadable), str(run.path))
                         continue
                     group.count("finished")
                     continue

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from and_mask.core.collect import SELECTIONS, Group, Metric, select, training_values
+from and_mask.core.collect import SELECTIONS, Group, Metric, finished_values, select
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
 from and_mask.core.runfolder import number_flags
@@ -53,9 +53,9 @@ class TrainingReader:
         """(method, flags, values) of a finished run; RunError when its files cannot be read."""
         (method, flags), = self.rows(run)
         try:
-            return [(method, flags, training_values(read_metrics(run_dir)))]
-        except (KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError, ValueError):
-            raise RunError(f"{run_dir / 'metrics.jsonl'} lacks the numbers of a finished run") from None
+            return [(method, flags, finished_values(read_metrics(run_dir)))]
+        except RunError as unreadable:
+            raise RunError(f"{run_dir}: {unreadable}") from None
 
     def config_flags(self, run_dir: Path) -> dict | None:
         """The number flags (seed aside) recorded in config.json, None when there is none to read."""

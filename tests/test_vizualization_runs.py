@@ -1,4 +1,7 @@
 """Run plots and loss landscapes, on tiny training runs made here."""
+import json
+import shutil
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -50,6 +53,23 @@ def test_runs_are_grouped_by_method_and_averaged_over_seeds(runs):
     expected = [r["mask_density"]["0.weight"] for r in read_metrics(runs["geom_s0"]) if r["phase"] == "epoch"]
     np.testing.assert_array_equal(x, [0.5, 1.5])
     np.testing.assert_allclose(density, expected)
+
+
+def test_a_flag_that_a_run_predates_counts_as_its_default(runs, tmp_path):
+    """A run written before a flag existed groups with runs that leave the flag at its default."""
+    copies = [tmp_path / name for name in ("avg_s0", "avg_s1")]
+    for name, copy in zip(("avg_s0", "avg_s1"), copies):
+        shutil.copytree(runs[name], copy)
+    config_path = copies[1] / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["flags"].pop("consistency_steps") == 50  # the parser's default
+    config_path.write_text(json.dumps(config))
+    (_, groups), = plot_runs.group_runs(plot_runs.load(copies)).items()
+    assert [len(members) for members in groups.values()] == [2]
+    config["flags"]["consistency_steps"] = 7
+    config_path.write_text(json.dumps(config))
+    (_, groups), = plot_runs.group_runs(plot_runs.load(copies)).items()
+    assert sorted(len(members) for members in groups.values()) == [1, 1]
 
 
 def test_plot_runs_writes_figures(runs, tmp_path):

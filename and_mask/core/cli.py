@@ -169,6 +169,11 @@ def use_cuda_flag(text):
     return text
 
 
+def parser_defaults(parser: argparse.ArgumentParser) -> dict:
+    """{flag: default} of every flag of `parser`."""
+    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
+
+
 def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_required: bool):
     """The flags of every training run; an experiment may change their `defaults` and require --output_dir."""
     group = parser.add_argument_group("run")
@@ -247,8 +252,7 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
     output_dir = args.output_dir or default_output_dir(f"{package}-{experiment.NAME}-{args.method}")
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
-        defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
-        with terminate_as_interrupt(), RunFolder(output_dir, mode, vars(args), defaults=defaults) as folder:
+        with terminate_as_interrupt(), RunFolder(output_dir, mode, vars(args), defaults=parser_defaults(parser)) as folder:
             seed_everything(args.seed)
             setup = experiment.build(args, device)
             folder.start(describe(vars(args), experiment.NAME, package))

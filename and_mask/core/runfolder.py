@@ -85,9 +85,13 @@ def differing_number_flags(old: dict, new: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def group_key(config: dict) -> tuple:
-    """Runs with equal keys differ only in their seed: (experiment, package, number flags as JSON)."""
-    flags = {k: v for k, v in number_flags(config["flags"]).items() if k not in SEED_FLAGS}
+def group_key(config: dict, defaults: dict | None = None) -> tuple:
+    """Runs with equal keys differ only in their seed: (experiment, package, number flags as JSON).
+
+    `defaults` (the entry module's parser defaults) stand in for flags that the run's config.json
+    lacks because the run predates them, as they do on --resume.
+    """
+    flags = {k: v for k, v in number_flags({**(defaults or {}), **config["flags"]}).items() if k not in SEED_FLAGS}
     return config.get("experiment"), config.get("package"), json.dumps(flags, sort_keys=True)
 
 

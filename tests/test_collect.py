@@ -14,6 +14,7 @@ import pytest
 
 from and_mask.core.collect import SELECTIONS, Group, Metric, select
 from and_mask.core.runfolder import FolderLock
+from gen_mask.run_synthetic import build_parser
 from gen_mask.sweep import main
 from gen_mask.sweep.folder import SweepFolder
 from tests.collect_fixture import DATA, write_fixture
@@ -175,3 +176,14 @@ def test_collect_needs_a_sweep_folder(tmp_path, capsys):
         main(["collect", str(tmp_path)])
     assert "holds no sweep (no sweep.json)" in capsys.readouterr().err.strip().splitlines()[-1]
 
+
+
+def test_a_flag_that_older_runs_lack_counts_as_its_default(sweep, capsys):
+    path, _ = sweep
+    expected = collect(path)
+    config = next(path.glob("runs/*/config.json"))
+    edited = json.loads(config.read_text())
+    edited["flags"]["dropout_p"] = build_parser().get_default("dropout_p")  # recorded by newer code, absent in the others
+    config.write_text(json.dumps(edited))
+    assert collect(path) == expected
+    assert "differ in" not in capsys.readouterr().err

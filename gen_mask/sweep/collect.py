@@ -26,6 +26,7 @@ from and_mask.core.errors import RunError
 from and_mask.core.files import warn
 from and_mask.core.runfolder import number_flags
 from and_mask.core.runlog import CONFIG, read_config, read_metrics
+from and_mask.core.runsets import entry_defaults
 from gen_mask.sweep.folder import SweepFolder
 
 # The headline metric of each module (by its name without the package, so both packages share
@@ -58,13 +59,16 @@ class TrainingReader:
             raise RunError(f"{run_dir}: {unreadable}") from None
 
     def config_flags(self, run_dir: Path) -> dict | None:
-        """The number flags (seed aside) recorded in config.json, None when there is none to read."""
+        """The number flags (seed aside) recorded in config.json, None when there is none to read; a
+        flag it lacks (the run predates the flag) counts as its default (`runsets.entry_defaults`)."""
         if not (run_dir / CONFIG).exists():
             return None
         try:
-            return {k: v for k, v in number_flags(read_config(run_dir)["flags"]).items() if k != "seed"}
+            config = read_config(run_dir)
         except RunError:
             return None
+        flags = {**entry_defaults(config.get("package"), config.get("experiment")), **config["flags"]}
+        return {k: v for k, v in number_flags(flags).items() if k != "seed"}
 
 
 class ErmIrmReader(TrainingReader):

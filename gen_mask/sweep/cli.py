@@ -8,6 +8,8 @@ flags with its module's parser, writes DIR/sweep.json, then starts what is left:
 started from scratch, interrupted ones with --resume, failed ones only with --retry_failed;
 finished and running ones are left alone, and so are runs whose SLURM job is still queued.
 Nothing is ever deleted. A second launch on the same folder is refused while one runs.
+
+`collect` writes DIR/leaderboard.md, leaderboard.csv and leaderboard.png (`gen_mask.sweep.collect`).
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """python -m gen_mask.leaderboard: every registered combiner on every task over seeds, then one table.
 
-The tasks are a sweep file of gen_mask/sweeps/ (`--budget`: `leaderboard_quick.toml`, minutes on
-a laptop; `leaderboard_full.toml`, the settings of the READMEs' tables) or one of your own
-(`--tasks`). A random-label task on Fashion-MNIST runs on CIFAR-10 where its files are in
-data/ (`with_cifar10`). Each task's method flag (--method; --methods for gen_mask.run_erm_irm) takes the
-values its file lists (baselines such as ERM and IRM) followed by every combiner of
-`gen_mask_utils.COMBINERS`, a user's plugins included (GEN_MASK_PLUGINS), except those in the
-task's [not_run] table and those the module cannot run (listed as not run, with the reason).
+The tasks are a sweep file of gen_mask/sweeps/ (`--budget`: `leaderboard_quick.toml`, a short
+version of each task for a 2-core machine; `leaderboard_full.toml`, the settings of the READMEs'
+tables) or one of your own (`--tasks`). A random-label task on Fashion-MNIST runs on CIFAR-10
+where its files are in its data folder (`with_cifar10`). Each task's method flag (--method;
+--methods for gen_mask.run_erm_irm) takes the values its file lists (baselines such as ERM and
+IRM) followed by every combiner of `gen_mask_utils.COMBINERS`, a user's plugins included
+(GEN_MASK_PLUGINS), except those in the task's [not_run] table and those the module cannot run
+(listed as not run, with the reason).
 The sweep is launched like `python -m gen_mask.sweep run` (same folder, launchers, skip / resume
 / retry) and then collected like `python -m gen_mask.sweep collect`: DIR/leaderboard.md,
 leaderboard.csv and leaderboard.png. A new combiner registered later adds its own runs to the

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, MethodFlags, apply_combiner
+from and_mask.core.combiners import Combiner, CombinerRegistry, HParam, MethodFlags, SumRule, apply_combiner
 from and_mask.core.per_env_grads import OuterProducts, env_losses_from_output, grads_from_output, per_env_grads
 
 AGREEMENT_THRESHOLD = HParam(
@@ -28,18 +28,27 @@ SCALE_GRAD_INVERSE_SPARSITY = HParam(
 AGREEMENT_CHUNK = 2 ** 17  # elements of sign(g) materialised at once (512 KiB in float32)
 
 
-def agreement_mask(grads: torch.Tensor, agreement_threshold: float) -> torch.Tensor:
-    """Float mask m = 1[|mean_e sign(g_e)| >= τ] for grads of shape (E, *shape).
+def sign_sum(grads: torch.Tensor) -> torch.Tensor:
+    """Σ_e sign(g_e) per coordinate for grads of shape (E, *shape): integers in [−E, E].
 
     sign(g) is computed a block of coordinates at a time: with many environments (one per
     example) a full-size copy is tens of MB, and writing it, not the arithmetic, dominated the
-    step. The means are sums of integers and therefore identical either way.
+    step. The sums are of integers and therefore identical either way.
     """
-    flat = grads.reshape(grads.shape[0], -1)
-    columns = max(1, AGREEMENT_CHUNK // flat.shape[0])
-    agreement = torch.cat([torch.sign(flat[:, start:start + columns]).mean(dim=0)
-                           for start in range(0, flat.shape[1], columns)])
-    return (agreement.abs() >= agreement_threshold).to(grads.dtype).view(grads.shape[1:])
+    flat = grads.reshape(grads.shape[0], grads.shape[1:].numel())  # also for zero environments
+    columns = max(1, AGREEMENT_CHUNK // max(flat.shape[0], 1))
+    sums = [torch.sign(flat[:, start:start + columns]).sum(dim=0) for start in range(0, flat.shape[1], columns)]
+    return torch.cat(sums).view(grads.shape[1:]) if sums else flat.sum(dim=0).view(grads.shape[1:])
+
+
+def _mask_from_signs(signs: torch.Tensor, n_envs: int, agreement_threshold: float) -> torch.Tensor:
+    """m = 1[|Σ_e sign(g_e)| / E >= τ] as a float tensor."""
+    return (signs.abs() / n_envs >= agreement_threshold).to(signs.dtype)
+
+
+def agreement_mask(grads: torch.Tensor, agreement_threshold: float) -> torch.Tensor:
+    """Float mask m = 1[|mean_e sign(g_e)| >= τ] for grads of shape (E, *shape)."""
+    return _mask_from_signs(sign_sum(grads), grads.shape[0], agreement_threshold)
 
 
 def _rescale(update, mask, scale_grad_inverse_sparsity):
@@ -48,32 +57,65 @@ def _rescale(update, mask, scale_grad_inverse_sparsity):
     return update
 
 
+def _sums_and_signs(grads, totals):
+    """Σ_e g_e and Σ_e sign(g_e)."""
+    return {"sum": grads.sum(dim=0), "sign_sum": sign_sum(grads)}
+
+
+def _sums_and_signs_outer(grads: OuterProducts, totals):
+    """The same sums of G[i] = δ_i x_iᵀ without building them: ΔᵀX and sign(Δ)ᵀ sign(X).
+
+    sign(δ_i x_iᵀ) = sign(δ_i) sign(x_i)ᵀ, so Σ_i sign(G[i]) = sign(Δ)ᵀ sign(X): a sum of integers
+    (exact in floating point), hence exactly the sign count of the materialised gradients.
+    """
+    return {"sum": grads.output_grads.T @ grads.inputs,
+            "sign_sum": torch.sign(grads.output_grads).T @ torch.sign(grads.inputs)}
+
+
+def _and_mask_update(totals, agreement_threshold=1.0, scale_grad_inverse_sparsity=1):
+    mask = _mask_from_signs(totals["sign_sum"], totals["n_envs"], agreement_threshold)
+    update = _rescale(mask * (totals["sum"] / totals["n_envs"]), mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
+def _geom_mean_sums(grads, totals):
+    """Σ_e g_e, Σ_e sign(g_e) and Σ_e log(|g_e| + 1e-10)."""
+    return {**_sums_and_signs(grads, totals), "log_abs_sum": torch.log(grads.abs() + 1e-10).sum(dim=0)}
+
+
+def _geom_mean_update(totals, agreement_threshold=1.0, scale_grad_inverse_sparsity=1):
+    n_envs = totals["n_envs"]
+    mask = _mask_from_signs(totals["sign_sum"], n_envs, agreement_threshold)
+    magnitude = torch.exp(totals["log_abs_sum"] / n_envs)
+    update = _rescale(mask * torch.sign(totals["sum"]) * magnitude, mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
+AND_MASK_SUMS = SumRule(rounds=(_sums_and_signs,), finish=_and_mask_update, outer_rounds=(_sums_and_signs_outer,),
+                        counts=("sign_sum",))
+GEOM_MEAN_SUMS = SumRule(rounds=(_geom_mean_sums,), finish=_geom_mean_update, counts=("sign_sum",))
+
+
 def and_mask(grads: torch.Tensor, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
     """AND-mask: m ⊙ mean_e g_e, m = 1[|mean_e sign(g_e)| >= τ] (Parascandolo et al., ICLR 2021)."""
-    mask = agreement_mask(grads, agreement_threshold)
-    update = _rescale(mask * grads.mean(dim=0), mask, scale_grad_inverse_sparsity)
-    return update, {"mask": mask}
+    return AND_MASK_SUMS.combine(grads, agreement_threshold=agreement_threshold,
+                                 scale_grad_inverse_sparsity=scale_grad_inverse_sparsity)
 
 
 def and_mask_outer(grads: OuterProducts, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
     """AND-mask of per-example Linear-weight gradients G[i] = δ_i x_iᵀ without building them.
 
-    sign(δ_i x_iᵀ) = sign(δ_i) sign(x_i)ᵀ, so mean_i sign(G[i]) = sign(Δ)ᵀ sign(X) / N: a sum of
-    integers (exact in floating point), hence exactly the mask of `and_mask` on the materialised
-    gradients; the mean gradient is ΔᵀX / N.
+    mean_i sign(G[i]) = sign(Δ)ᵀ sign(X) / N and mean_i G[i] = ΔᵀX / N (`_sums_and_signs_outer`),
+    so the mask is exactly that of `and_mask` on the materialised gradients.
     """
-    signs = torch.sign(grads.output_grads).T @ torch.sign(grads.inputs)
-    mask = ((signs / grads.inputs.shape[0]).abs() >= agreement_threshold).to(signs.dtype)
-    update = _rescale(mask * grads.mean(), mask, scale_grad_inverse_sparsity)
-    return update, {"mask": mask}
+    return AND_MASK_SUMS.combine(grads, agreement_threshold=agreement_threshold,
+                                 scale_grad_inverse_sparsity=scale_grad_inverse_sparsity)
 
 
 def geom_mean(grads: torch.Tensor, agreement_threshold: float = 1.0, scale_grad_inverse_sparsity: int = 1):
     """Geometric mean: m ⊙ sign(ḡ) ⊙ exp(mean_e log(|g_e| + 1e-10)) (Parascandolo et al., ICLR 2021)."""
-    mask = agreement_mask(grads, agreement_threshold)
-    magnitude = torch.exp(torch.log(grads.abs() + 1e-10).mean(dim=0))
-    update = _rescale(mask * torch.sign(grads.mean(dim=0)) * magnitude, mask, scale_grad_inverse_sparsity)
-    return update, {"mask": mask}
+    return GEOM_MEAN_SUMS.combine(grads, agreement_threshold=agreement_threshold,
+                                  scale_grad_inverse_sparsity=scale_grad_inverse_sparsity)
 
 
 def _and_mask_is_mean(agreement_threshold, scale_grad_inverse_sparsity):
@@ -83,8 +125,9 @@ def _and_mask_is_mean(agreement_threshold, scale_grad_inverse_sparsity):
 
 
 HPARAMS = (AGREEMENT_THRESHOLD, SCALE_GRAD_INVERSE_SPARSITY)
-AND_MASK = Combiner("and_mask", and_mask, hparams=HPARAMS, reduces_to_mean=_and_mask_is_mean, outer=and_mask_outer)
-GEOM_MEAN = Combiner("geom_mean", geom_mean, hparams=HPARAMS)
+AND_MASK = Combiner("and_mask", and_mask, hparams=HPARAMS, reduces_to_mean=_and_mask_is_mean, outer=and_mask_outer,
+                    sums=AND_MASK_SUMS)
+GEOM_MEAN = Combiner("geom_mean", geom_mean, hparams=HPARAMS, sums=GEOM_MEAN_SUMS)
 COMBINERS = CombinerRegistry({c.name: c for c in (AND_MASK, GEOM_MEAN)})
 METHOD_FLAGS = MethodFlags(COMBINERS, required=True)
 

@@ -31,7 +31,7 @@ from gen_mask.erm_irm.irm import ANNEAL_STEPS, annealed_objective, irmv1_penalty
 
 def _anneal_steps(prefix):
     return HParam(f"{prefix}_anneal_steps", int, ANNEAL_STEPS,
-                  "optimiser steps with penalty weight 1 before the chosen weight applies", low=0)
+                  "Optimiser steps with penalty weight 1 before the chosen weight applies.", low=0)
 
 
 class IRMv1(ObjectiveModule):
@@ -132,16 +132,16 @@ class DANN(ObjectiveModule):
 
 
 IRM = Objective("irm", IRMv1, hparams=(
-    HParam("irm_penalty_weight", float, 1e4, "λ ≥ 0: IRMv1's penalty weight after the warm-up", low=0.0),
+    HParam("irm_penalty_weight", float, 1e4, "λ ≥ 0: IRMv1's penalty weight after the warm-up.", low=0.0),
     _anneal_steps("irm")))
 VREX = Objective("vrex", VREx, min_envs_per_step=2, hparams=(
-    HParam("vrex_penalty_weight", float, 1e4, "β ≥ 0: weight of the variance of the risks after the warm-up",
+    HParam("vrex_penalty_weight", float, 1e4, "β ≥ 0: weight of the variance of the risks after the warm-up.",
            low=0.0),
     _anneal_steps("vrex")))
 DANN_OBJECTIVE = Objective("dann", DANN, needs_features=True, needs_env_ids=True, min_envs_per_step=2, hparams=(
-    HParam("dann_lambda", float, 1.0, "λ ≥ 0: weight of the reversed domain-loss gradient in the features",
+    HParam("dann_lambda", float, 1.0, "λ ≥ 0: weight of the reversed domain-loss gradient in the features.",
            low=0.0),
-    HParam("dann_hidden_units", int, 256, "width of the domain classifier's hidden layer", low=1),
+    HParam("dann_hidden_units", int, 256, "Width of the domain classifier's hidden layer.", low=1),
     HParam("dann_grl_schedule", str, "ganin", "ganin: λ ramps up as 2/(1 + exp(−10p)) − 1 over training "
-           "progress p; constant: λ throughout", choices=("ganin", "constant"))))
+           "progress p; constant: λ throughout.", choices=("ganin", "constant"))))
 BASELINES = (IRM, VREX, DANN_OBJECTIVE)

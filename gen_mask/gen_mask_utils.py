@@ -8,8 +8,11 @@
 Per-tensor rules (scope "tensor", the default) receive one parameter tensor's gradients stacked
 as (E, *shape); whole-model rules (scope="model") receive the flattened gradients of all
 parameters as (E, P). Each returns (combined gradient, diagnostics dict); a "mask" diagnostic
-(float, the gradient's shape) is logged as mask density. Every hyper-parameter becomes a --flag
-of the gen_mask run modules, and the test suite checks every registered rule. Declare
+(float, the gradient's shape) is logged as mask density. A rule computed from sums over
+environments declares them (`sums=SumRule(...)`, see `and_mask.core.combiners`), so that a run
+split across processes adds up the sums instead of gathering every gradient. Every
+hyper-parameter becomes a --flag of the gen_mask run modules, and the test suite checks every
+registered rule. Declare
 `keeps_consensus=False` when identical environments do not give back their common gradient.
 Rules are vectorised torch (CPU or CUDA); the exact small solvers live in `gen_mask.solvers`.
 A whole-model rule declared `needs_hvp=True` also receives `hvp`, the environments'
@@ -33,7 +36,7 @@ import warnings
 import torch
 
 from and_mask import and_mask_utils
-from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, apply_combiner
+from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, SumRule, apply_combiner
 from and_mask.core.objectives import ObjectiveRegistry
 from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
 from and_mask.core.per_env_hvp import env_hvp
@@ -47,10 +50,14 @@ COMBINERS.add(and_mask_utils.GEOM_MEAN)
 COMBINERS.add(lookahead.LOOKAHEAD)  # its own module: the math is longer than one rule's
 
 
-@COMBINERS.register("mean", reduces_to_mean=lambda: True)
+MEAN_SUMS = SumRule(rounds=(lambda grads, totals: {"sum": grads.sum(dim=0)},),
+                    finish=lambda totals: (totals["sum"] / totals["n_envs"], {}))
+
+
+@COMBINERS.register("mean", reduces_to_mean=lambda: True, sums=MEAN_SUMS)
 def mean(grads):
     """Plain averaging, mean_e g_e: empirical risk minimisation over the pooled environments."""
-    return grads.mean(dim=0), {}
+    return MEAN_SUMS.combine(grads)
 
 
 def _flat(grads):
@@ -76,33 +83,57 @@ SAND_THRESHOLD = HParam("agreement_threshold", float, 0.5,
 SAND_K = HParam("sand_k", float, 10.0, "Steepness k ≥ 0 of SAND-mask's tanh(k·(a − τ)/Var_e g).", low=0.0)
 
 
-@COMBINERS.register("sand_mask", hparams=[SAND_THRESHOLD, SAND_K, and_mask_utils.SCALE_GRAD_INVERSE_SPARSITY])
+def _squared_deviations(grads, totals):
+    """Σ_e (g_e − ḡ)², ḡ from the first round's sums (two passes, as the variance of one process)."""
+    return {"squared_deviations": ((grads - totals["sum"] / totals["n_envs"]) ** 2).sum(dim=0)}
+
+
+def _sand_mask_update(totals, agreement_threshold=0.5, sand_k=10.0, scale_grad_inverse_sparsity=1):
+    if agreement_threshold >= 1:
+        warnings.warn("sand_mask with agreement_threshold (τ) = 1 masks every coordinate: tanh(k·(a − τ)/Var) ≤ 0 "
+                      "because a ≤ 1, so every update is zero; use τ < 1", UserWarning, stacklevel=4)
+    n_envs = totals["n_envs"]
+    avg = totals["sum"] / n_envs
+    variance = totals["squared_deviations"] / max(n_envs - 1, 1)
+    agreement = totals["sign_sum"].abs() / n_envs
+    mask = torch.tanh(sand_k * (agreement - agreement_threshold) / variance.clamp_min(1e-17)).clamp_min(0.0)
+    update = and_mask_utils._rescale(mask * avg, mask, scale_grad_inverse_sparsity)
+    return update, {"mask": mask}
+
+
+SAND_MASK_SUMS = SumRule(rounds=(and_mask_utils._sums_and_signs, _squared_deviations), finish=_sand_mask_update,
+                         counts=("sign_sum",))
+
+
+@COMBINERS.register("sand_mask", hparams=[SAND_THRESHOLD, SAND_K, and_mask_utils.SCALE_GRAD_INVERSE_SPARSITY],
+                    sums=SAND_MASK_SUMS)
 def sand_mask(grads, agreement_threshold=0.5, sand_k=10.0, scale_grad_inverse_sparsity=1):
     """SAND-mask: m ⊙ ḡ, m = max(0, tanh(k·(a − τ)/Var_e g)) (Shahtalebi et al., 2021)."""
     # "SAND-mask: An Enhanced Gradient Masking Strategy for the Discovery of Invariances in Domain
     # Generalization", arXiv:2106.02266; as in its DomainBed code: unbiased variance over
     # environments, then the AND-mask's per-tensor rescaling 1/(1e-10 + mean(m)). Since a ≤ 1,
     # τ = 1 gives m = 0 everywhere. A zero variance (one environment, identical environments) is
-    # floored at 1e-17, which makes the mask the hard 1[a > τ].
-    if agreement_threshold >= 1:
-        warnings.warn("sand_mask with agreement_threshold (τ) = 1 masks every coordinate: tanh(k·(a − τ)/Var) ≤ 0 "
-                      "because a ≤ 1, so every update is zero; use τ < 1", UserWarning, stacklevel=2)
-    n_envs = grads.shape[0]
-    avg = grads.mean(dim=0)
-    variance = ((grads - avg) ** 2).sum(dim=0) / max(n_envs - 1, 1)
-    agreement = torch.sign(grads).mean(dim=0).abs()
-    mask = torch.tanh(sand_k * (agreement - agreement_threshold) / variance.clamp_min(1e-17)).clamp_min(0.0)
-    update = and_mask_utils._rescale(mask * avg, mask, scale_grad_inverse_sparsity)
-    return update, {"mask": mask}
+    # floored at 1e-17, which makes the mask the hard 1[a > τ]. Sums Σg, Σ sign g, then
+    # Σ(g − ḡ)²: the environments may be split across processes.
+    return SAND_MASK_SUMS.combine(grads, agreement_threshold=agreement_threshold, sand_k=sand_k,
+                                  scale_grad_inverse_sparsity=scale_grad_inverse_sparsity)
 
 
-@COMBINERS.register("majority_vote", keeps_consensus=False)
+def _majority_vote_update(totals):
+    vote = torch.sign(totals["sign_sum"])
+    return vote, {"mask": vote.abs()}
+
+
+MAJORITY_VOTE_SUMS = SumRule(rounds=(lambda grads, totals: {"sign_sum": and_mask_utils.sign_sum(grads)},),
+                             finish=_majority_vote_update, counts=("sign_sum",))
+
+
+@COMBINERS.register("majority_vote", keeps_consensus=False, sums=MAJORITY_VOTE_SUMS)
 def majority_vote(grads):
     """signSGD with majority vote: sign(Σ_e sign(g_e)) per coordinate (Bernstein et al., ICLR 2019)."""
     # "signSGD with Majority Vote is Communication Efficient and Fault Tolerant". The update has
     # entries in {−1, 0, 1}; a tie (or unanimous zeros) gives 0. The mask marks non-zero votes.
-    vote = torch.sign(torch.sign(grads).sum(dim=0))
-    return vote, {"mask": vote.abs()}
+    return MAJORITY_VOTE_SUMS.combine(grads)
 
 
 @COMBINERS.register("median")

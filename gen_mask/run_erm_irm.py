@@ -15,6 +15,7 @@ import sys
 
 from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, positive_list,
                                proper_fraction, seed_int)
+from and_mask.core.distributed import launched_ranks
 from and_mask.core.errors import RunError
 from and_mask.core.runfolder import FolderLock, holds_run, outcome, terminate_as_interrupt
 from gen_mask.erm_irm.fit import FitConfig, check_methods, valid_methods
@@ -106,6 +107,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, Sweep]:
 
 def main(argv=None) -> str:
     args, sweep = parse(argv)
+    if launched_ranks() > 1:  # its fits are vectorised over trials in one process; K copies would share --out
+        sys.exit("error: gen_mask.run_erm_irm runs in one process; start it without torchrun")
     title = sweep.dataset + ("" if sweep.is_sem else f" ({sweep.image_data})")
     try:
         if holds_run(args.out):

@@ -4,8 +4,8 @@ import pytest
 from and_mask.core.training import Trainer
 
 
-def interrupt_then_resume(run, argv, output_dir, monkeypatch, stop_after_epoch):
-    """`run(argv + [--output_dir ...])` stopped by Ctrl-C after `stop_after_epoch`'s checkpoint, then --resume."""
+def interrupt(run, argv, output_dir, monkeypatch, stop_after_epoch):
+    """`run(argv + [--output_dir ...])` stopped by Ctrl-C after `stop_after_epoch`'s checkpoint."""
     original = Trainer._checkpoint
 
     def stop(self, epoch):
@@ -18,4 +18,9 @@ def interrupt_then_resume(run, argv, output_dir, monkeypatch, stop_after_epoch):
         run(argv + ["--output_dir", str(output_dir)])
     assert len((output_dir / "metrics.jsonl").read_text().splitlines()) == stop_after_epoch
     monkeypatch.setattr(Trainer, "_checkpoint", original)
+
+
+def interrupt_then_resume(run, argv, output_dir, monkeypatch, stop_after_epoch):
+    """`run(argv + [--output_dir ...])` stopped by Ctrl-C after `stop_after_epoch`'s checkpoint, then --resume."""
+    interrupt(run, argv, output_dir, monkeypatch, stop_after_epoch)
     return run(argv + ["--output_dir", str(output_dir), "--resume"])

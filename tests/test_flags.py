@@ -15,7 +15,7 @@ from and_mask.core.cli import MAX_SEED
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags
 from and_mask.core.errors import RunError
 from gen_mask import run_erm_irm
-from gen_mask.gen_mask_utils import COMBINERS, get_grads
+from gen_mask.gen_mask_utils import COMBINERS, METHOD_FLAGS as GEN_MASK_FLAGS, get_grads
 from tests.entry_points import ENTRY_POINTS, parser_of, required_argv
 from vizualization.toy_methods import TOY_METHODS
 
@@ -61,6 +61,13 @@ def test_descriptions_and_helps_are_whole_sentences(module):
     assert parser.description and parser.description[-1] in ".?!" and "\n" not in parser.description
     for action in parser._actions:
         assert action.help and action.help[-1] in ".?!", f"{action.dest}: {action.help!r}"
+
+
+def test_hyper_parameter_helps_are_whole_sentences():
+    """Each method's flag help is its HParams' helps joined, then "Used by ...": each must be a sentence."""
+    for name in [*GEN_MASK_FLAGS.registry, *GEN_MASK_FLAGS.objectives]:
+        for hp in GEN_MASK_FLAGS.entry(name).hparams:
+            assert hp.help[-1] in ".?!", f"{name} --{hp.name}: {hp.help!r}"
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

@@ -65,10 +65,14 @@ def test_the_search_covers_table_1_and_the_best_setting():
     by_name = {name: (flags, random) for name, _, _, flags, _, random in tasks()}
     table_1 = {"n_hidden_units": [256, 512], "n_hidden_layers": [3, 5], "batch_size": [64, 128, 256],
                "lr": [1e-3, 1e-2, 1e-1], "batch_norm": [0, 1], "dropout_p": [0.0, 0.5]}
+    # Table 2: IRM searches a wider learning rate, its penalty weight and its annealing.
+    table_2 = {**table_1, "lr": [1e-3, 1e-2, 1e-1, 1.0], "irm_penalty_weight": [10.0, 100.0, 1000.0],
+               "irm_anneal_steps": [0, 1, 2, 4, 8]}
     for name, (flags, random) in by_name.items():
         if "best" in name:
             continue
-        assert {k: random[k]["choice"] for k in table_1} == table_1, name
+        table = table_2 if flags["method"] == "irm" else table_1
+        assert {k: random[k]["choice"] for k in table} == table, name
         penalties = {k for k in ("weight_decay", "l1_coef") if k in random}
         assert len(penalties) <= 1 and all(flags.get(k) == 0.0 for k in {"weight_decay", "l1_coef"} - penalties)
     best, _ = by_name["AND-mask, the paper's best setting"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gen_mask import run_synthetic
 from gen_mask.sweep import main, slurm, slurm_cluster
 from gen_mask.sweep.folder import SweepFolder
 
@@ -151,6 +152,30 @@ def test_several_tasks_per_job_get_the_torch_distributed_environment(cluster, tm
     ranks = [json.loads(line) for line in (out / "runs" / run_id / "ranks.jsonl").read_text().splitlines()]
     assert sorted(r["RANK"] for r in ranks) == ["0", "1"] and {r["WORLD_SIZE"] for r in ranks} == {"2"}
     assert state.status == "finished"
+
+
+def test_a_job_of_two_tasks_trains_one_run_split_across_two_ranks(cluster, tmp_path, monkeypatch):
+    """--slurm_tasks_per_node 2 on a real run: the two tasks are the two ranks of one run (5
+    environments split 3 + 2), which ends with the metrics of the same run in one process."""
+    for name, value in dict(cluster, PYTHONPATH=str(ROOT)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(ROOT)
+    flags = {"method": "pcgrad", "n_envs": 5, "examples_per_env": 48, "batch_size": 16, "n_hidden_units": 32,
+             "n_hidden_layers": 2, "epochs": 3, "n_test": 200, "use_cuda": 0}
+    out = tmp_path / "sweep"
+    assert main(["run", "--module", "gen_mask.run_synthetic", "--seeds", "0", "--out", str(out),
+                 *[word for k, v in flags.items() for word in ("--flag", f"{k}={v}")], "--flag", "quiet=true",
+                 "--launcher", "slurm", "--slurm_tasks_per_node", "2", "--slurm_poll_s", "0.5", "--quiet"]) == 0
+    (run_id, state), = SweepFolder(out).states().items()
+    run_dir = out / "runs" / run_id
+    assert state.status == "finished" and json.loads((run_dir / "config.json").read_text())["ranks"] == 2
+    run_synthetic.main([word for k, v in flags.items() for word in (f"--{k}", str(v))]
+                       + ["--quiet", "--output_dir", str(tmp_path / "one")])
+    split, alone = comparable(run_dir), comparable(tmp_path / "one")
+    assert [r.keys() for r in split] == [r.keys() for r in alone]
+    for a, b in zip(split, alone):
+        for key, value in a.items():
+            assert value == (pytest.approx(b[key], rel=1e-5) if isinstance(value, float) else b[key]), key
 
 
 def test_detached_launch_then_a_relaunch_leaves_queued_runs_alone(cluster, tmp_path, monkeypatch, capsys):

@@ -12,11 +12,13 @@ import argparse
 import math
 import random
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from and_mask.core import consistency
+from and_mask.core import consistency, distributed
+from and_mask.core.env_split import DIST_BN, EnvSplit
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runfolder import RunFolder, outcome, terminate_as_interrupt
@@ -206,7 +208,25 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_re
                             "with this ε and add it to the final record of metrics.jsonl (and_mask.core.consistency)."
                             " Default: no estimate.")
     consistency.add_search_flags(group, prefix="consistency_")
+    add_dist_flags(parser)
     parser.set_defaults(**defaults)
+
+
+def add_dist_flags(parser: argparse.ArgumentParser):
+    """Flags of a run split across processes by torchrun (and_mask.core.env_split); a single process ignores them."""
+    group = parser.add_argument_group("processes (under torchrun: the environments of each step are split across "
+                                      "the processes)")
+    group.add_argument("--dist_bn", choices=DIST_BN, default="exact",
+                       help="BatchNorm (and dropout) with several processes. exact: every process forwards the whole "
+                            "batch, so the batch statistics are those of one process, and back-propagates only its "
+                            "environments' losses. local: every process forwards only its own examples and normalises "
+                            "them with their own statistics, as DistributedDataParallel does: a different model.")
+    group.add_argument("--dist_check_every", type=non_negative_int, default=0,
+                       help="Debugging aid: every N steps, compare the parameters of all processes and stop if they "
+                            "differ; 0 never compares.")
+    group.add_argument("--dist_gather_warn_mb", type=positive_float, default=1024.0,
+                       help="Warn when a combiner that is not a sum over environments makes every process gather "
+                            "more than this many megabytes of per-environment gradients per step.")
 
 
 def resolve_device(parser, use_cuda: str) -> torch.device:
@@ -249,31 +269,57 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     device = resolve_device(parser, args.use_cuda)
-    output_dir = args.output_dir or default_output_dir(f"{package}-{experiment.NAME}-{args.method}")
+    return _train(experiment, method, hparams, args, package, parser, join_world(parser, device))
+
+
+def join_world(parser, device: torch.device) -> distributed.World:
+    """This process's World: one process, or a rank of the run torchrun (or SLURM) started."""
+    try:
+        return distributed.init_world(device.type == "cuda")
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _train(experiment, method, hparams, args, package, parser, world) -> dict:
+    # Rank 0 alone holds the run folder; the other ranks know its name, for messages.
+    output_dir = world.broadcast_object(args.output_dir or default_output_dir(
+        f"{package}-{experiment.NAME}-{args.method}"))
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "new"
     try:
-        with terminate_as_interrupt(), RunFolder(output_dir, mode, vars(args), defaults=parser_defaults(parser)) as folder:
+        defaults = parser_defaults(parser)
+        holding = RunFolder(output_dir, mode, vars(args), defaults=defaults) if world.is_leader else nullcontext()
+        # A failure on any rank (rank 0's refusal of the folder too) ends every rank.
+        with terminate_as_interrupt(), distributed.stop_together(world), holding as folder:
+            if folder is not None:  # another rank's failure, recorded by rank 0's watcher
+                world.on_failure.append(lambda message: folder.record(RunError(message)))
             seed_everything(args.seed)
-            setup = experiment.build(args, device)
-            folder.start(describe(vars(args), experiment.NAME, package))
+            with distributed.leader_first(world):  # rank 0 downloads or prepares the data before the others read it
+                setup = experiment.build(args, world.device)
+            if folder is not None:
+                folder.start({**describe(vars(args), experiment.NAME, package), "ranks": world.size})
             final_metrics = None
             if args.consistency_eps is not None:
                 final_metrics = consistency.final_metrics(setup, args.consistency_eps,
                                                           consistency.settings_from_args(args, "consistency_"))
-            trainer = Trainer(setup, method, hparams, RunLog(folder.path), device, engine=args.grad_engine,
+            resumes = world.broadcast_object(folder.resumes if folder is not None else None)
+            runlog = distributed.rank_runlog(world, RunLog(folder.path) if folder is not None else None, output_dir)
+            trainer = Trainer(setup, method, hparams, runlog, world.device, engine=args.grad_engine,
                               chunk_size=args.grad_chunk_size, l1_coef=getattr(args, "l1_coef", 0.0),
-                              l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet, final_metrics=final_metrics)
-            final = trainer.run(resume=folder.resumes)
+                              l2_coef=getattr(args, "l2_coef", 0.0), quiet=args.quiet or not world.is_leader,
+                              final_metrics=final_metrics,
+                              split=EnvSplit(world, args.dist_bn, args.dist_check_every, args.dist_gather_warn_mb))
+            final = trainer.run(resume=resumes)
     except RunError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt as error:
         ended = outcome(error)
         print(f"{ended['error']}; metrics and the last checkpoint are kept in {output_dir}", file=sys.stderr)
         sys.exit(ended["exit_code"])
-    print(f"final: {format_record(final)}  (outputs in {output_dir})")
-    if "inconsistency" in final:
-        print(f"inconsistency: I^eps >= {final['inconsistency']:.6g} for eps = {args.consistency_eps}, "
-              f"{consistency.LOWER_BOUND_NOTE}")
+    if world.is_leader:
+        print(f"final: {format_record(final)}  (outputs in {output_dir})")
+        if "inconsistency" in final:
+            print(f"inconsistency: I^eps >= {final['inconsistency']:.6g} for eps = {args.consistency_eps}, "
+                  f"{consistency.LOWER_BOUND_NOTE}")
     return final
 
 

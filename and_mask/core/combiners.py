@@ -13,6 +13,11 @@ of the (E, P) gradients: `hvp(v)` with v of shape (P,) returns the (E, P) rows H
 v of shape (E, P) the rows H_e v_e. The caller builds it (the training loop exactly, with
 `torch.func`, see `and_mask.core.per_env_hvp`; the 2-D toy from its exact Hessians), so the
 combiner stays pure math on tensors.
+
+A tensor-scope combiner may declare a `SumRule`: the rule is then computed from per-coordinate
+sums over environments, which lets the environments of a step be split across processes (each
+sums over its own, the sums are added up across processes, see `and_mask.core.env_split`).
+A combiner that declares nothing is computed from all the per-environment gradients.
 """
 from __future__ import annotations
 
@@ -54,6 +59,38 @@ class HParam:
 
 
 @dataclass(frozen=True)
+class SumRule:
+    """A combiner computed from per-coordinate sums over environments, S = Σ_e f(g_e).
+
+    `rounds` are computed in turn, each `round(grads, totals) -> {name: sum over the environments
+    of grads}` with grads of shape (E, *shape) (or OuterProducts, by `outer_rounds`); `totals`
+    holds the sums of the earlier rounds over ALL environments and "n_envs", the number of them
+    (a variance needs the mean first). `finish(totals, **hparams) -> (combined, diagnostics)`.
+    The sums named in `counts` are integers in [−E, E] (counts of signs).
+    """
+
+    rounds: tuple[Callable, ...]
+    finish: Callable
+    outer_rounds: tuple[Callable, ...] | None = None
+    counts: tuple[str, ...] = ()
+
+    def round_sums(self, index: int, grads, totals: dict) -> dict:
+        """Round `index`'s sums over the environments of `grads` (materialised if the rule has no outer round)."""
+        if isinstance(grads, OuterProducts):
+            if self.outer_rounds is not None:
+                return self.outer_rounds[index](grads, totals)
+            grads = grads.materialize()
+        return self.rounds[index](grads, totals)
+
+    def combine(self, grads, **hparams):
+        """The combined gradient of one tensor's (E, *shape) gradients, all environments at hand."""
+        totals = {"n_envs": grads.shape[0]}
+        for index in range(len(self.rounds)):
+            totals.update(self.round_sums(index, grads, totals))
+        return self.finish(totals, **hparams)
+
+
+@dataclass(frozen=True)
 class Combiner:
     """A named combination rule. `fn(grads, **hparams) -> (combined, diagnostics)`."""
 
@@ -70,6 +107,8 @@ class Combiner:
     # Optional fast rule for per-example Linear-weight gradients given as OuterProducts
     # (G[i] = δ_i x_iᵀ); it must equal `fn` on the materialised (N, out, in) tensor.
     outer: Callable | None = None
+    # Optional: the rule as a function of sums over environments (tensor scope only).
+    sums: SumRule | None = None
     # Model scope only: `fn` also takes `hvp=` (see the module docstring), and every caller must supply it.
     needs_hvp: bool = False
 
@@ -91,6 +130,8 @@ class CombinerRegistry(dict):
     def add(self, combiner: Combiner) -> Combiner:
         if combiner.scope not in SCOPES:
             raise ValueError(f"combiner scope must be one of {SCOPES}, got {combiner.scope!r}")
+        if combiner.sums is not None and combiner.scope != "tensor":
+            raise ValueError(f"combiner '{combiner.name}': only a tensor-scope rule can be a SumRule")
         if combiner.needs_hvp and combiner.scope != "model":
             raise ValueError(f"combiner '{combiner.name}' needs Hessian-vector products, which only a model-scope "
                              "combiner can take")
@@ -100,13 +141,13 @@ class CombinerRegistry(dict):
         return combiner
 
     def register(self, name: str, scope: str = "tensor", hparams=(), reduces_to_mean=None, keeps_consensus=True,
-                 needs_hvp=False):
+                 needs_hvp=False, sums: SumRule | None = None):
         """Decorator: `@COMBINERS.register("my_rule", hparams=[HParam(...)])` on `fn(grads, **hp)`."""
 
         def decorate(fn):
             extra = {} if reduces_to_mean is None else {"reduces_to_mean": reduces_to_mean}
             self.add(Combiner(name=name, fn=fn, scope=scope, hparams=tuple(hparams), keeps_consensus=keeps_consensus,
-                              needs_hvp=needs_hvp, **extra))
+                              needs_hvp=needs_hvp, sums=sums, **extra))
             return fn
 
         return decorate

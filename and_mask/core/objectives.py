@@ -7,7 +7,8 @@ gives the update. `MethodFlags` offers both kinds under --method and the `Traine
 the kind of the entry.
 
 The computation has two explicit stages, so that which quantities belong to one environment is
-part of the interface (environments may later live on different processes):
+part of the interface (the environments of a step may live on different processes, see
+`objective_loss`):
 
 1. `env_terms(output, target, features, env_id)`: the scalar terms of ONE environment, from its
    own B examples only: its risk R_e = mean loss (always, key "risk"), and e.g. IRM's penalty
@@ -125,17 +126,24 @@ def captured_features(model: nn.Module):
         handle.remove()
 
 
-def objective_loss(objective: ObjectiveModule, output, target, n_envs: int, features=None, env_ids=None):
-    """One training step's (loss, mean risk, diagnostics) for E environments stacked env after env.
+def objective_loss(objective: ObjectiveModule, output, target, n_envs: int, features=None, env_ids=None,
+                   envs: range | None = None, share_terms: Callable | None = None):
+    """One training step's (loss, the (E,) risks, diagnostics) for E environments stacked env after env.
 
     Splits the step into its environments, collects each one's `env_terms`, stacks them and
-    calls `reduce`; then counts the step.
+    calls `reduce`; then counts the step. A process given only some of the step's environments
+    (`and_mask.core.env_split`) computes the terms of `envs` (default: all) and `share_terms`
+    returns those of every environment: the other processes' as constants, so that the loss's
+    gradient runs through this process's environments only and the processes' gradients add up.
     """
+    envs = range(n_envs) if envs is None else envs
     outputs, targets = split_envs(output, n_envs), split_envs(target, n_envs)
     feats = features.reshape(n_envs, -1, features.shape[-1]) if features is not None else [None] * n_envs
     ids = env_ids if env_ids is not None else [None] * n_envs
-    per_env = [objective.env_terms(o, t, f, e) for o, t, f, e in zip(outputs, targets, feats, ids)]
+    per_env = [objective.env_terms(outputs[e], targets[e], feats[e], ids[e]) for e in envs]
     terms = {key: torch.stack([t[key] for t in per_env]) for key in per_env[0]}
+    if share_terms is not None:
+        terms = share_terms(terms)
     loss, diagnostics = objective.reduce(terms)
     objective.steps_done += 1
-    return loss, terms["risk"].mean(), diagnostics
+    return loss, terms["risk"], diagnostics

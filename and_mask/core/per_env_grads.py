@@ -230,14 +230,36 @@ def _outer_grads(model, inputs, target, loss_fn, n_envs):
     return PerEnvGrads(env_losses.detach(), grads, output.detach())
 
 
+def _no_envs(model: nn.Module, engine: str) -> PerEnvGrads:
+    """The gradients of zero environments (a process given none of a step's), in the engine's layout."""
+    factored = {}
+    if engine == "outer":
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                factored[id(m.weight)] = OuterProducts(m.weight.new_zeros(0, m.out_features),
+                                                       m.weight.new_zeros(0, m.in_features))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [factored.get(id(p), p.new_zeros(0, *p.shape)) for p in params]
+    empty = params[0].new_zeros(0)
+    return PerEnvGrads(empty, grads, empty)
+
+
 def per_env_grads(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, loss_fn, n_envs: int,
-                  engine: str = "auto", chunk_size: int | None = None, accepts_outer: bool = False) -> PerEnvGrads:
+                  engine: str = "auto", chunk_size: int | None = None, accepts_outer: bool = False,
+                  envs: range | None = None) -> PerEnvGrads:
     """Forward `inputs` (E*B examples, env after env) and return each environment's gradient.
 
     With `accepts_outer` the caller can take Linear-weight gradients as `OuterProducts`
-    (`apply_combiner` does), which lets `auto` pick the `outer` engine.
+    (`apply_combiner` does), which lets `auto` pick the `outer` engine. `envs` (the shared and
+    loop engines only) back-propagates only those environments' losses through the forward pass
+    of the whole batch: the gradients then have len(envs) rows, while `env_losses` and `output`
+    still cover the whole batch (a process's share of a step split across processes).
     """
     engine = resolve_engine(model, engine, inputs.shape[0], n_envs, accepts_outer)
+    if envs is not None and engine not in ("shared", "loop"):
+        raise ValueError(f"envs= needs the shared or loop engine, which forward the whole batch; got {engine}")
+    if n_envs == 0:
+        return _no_envs(model, engine)
     if engine == "outer":
         return _outer_grads(model, inputs, target, loss_fn, n_envs)
     if engine == "vmap":
@@ -246,5 +268,7 @@ def per_env_grads(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, 
     output = model(inputs)
     env_losses = env_losses_from_output(output, target, loss_fn, n_envs)
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = grads_from_output(env_losses, params, engine=engine, chunk_size=chunk_size)
+    own = env_losses if envs is None else env_losses[envs.start:envs.stop]
+    grads = (grads_from_output(own, params, engine=engine, chunk_size=chunk_size) if len(own)
+             else _no_envs(model, engine).grads)
     return PerEnvGrads(env_losses.detach(), grads, output.detach())

@@ -46,7 +46,7 @@ STATUSES = ("finished", "failed", "interrupted")
 # data lies, which device does the arithmetic (up to rounding) or how the work is split. Every
 # other flag changes the numbers (a new flag that does not must be added here).
 NOT_NUMBER_FLAGS = frozenset({"output_dir", "resume", "overwrite", "quiet", "use_cuda", "grad_chunk_size",
-                              "num_workers", "data_path", "download"})
+                              "num_workers", "data_path", "download", "dist_check_every", "dist_gather_warn_mb"})
 SEED_FLAGS = frozenset({"seed"})
 
 
@@ -67,9 +67,11 @@ def number_flags(flags: dict) -> dict:
     The one definition used by `--resume` (which refuses any difference), by the grouping of
     summarize and plot_runs (`group_key`) and by sweep collectors.
     """
-    kept = {k: v for k, v in flags.items() if k not in NOT_NUMBER_FLAGS and k != "grad_engine"}
+    kept = {k: v for k, v in flags.items() if k not in NOT_NUMBER_FLAGS and k not in ("grad_engine", "dist_bn")}
     if engine_changes_model(flags):
         kept["grad_engine"] = "vmap"
+    if flags.get("dist_bn") == "local":  # per-process batch statistics: another model (exact is one process's)
+        kept["dist_bn"] = "local"
     return json.loads(json.dumps(kept, default=str))
 
 
@@ -225,10 +227,17 @@ class FolderLock:
         remove_temporaries(self.path)
         self.started = True
 
+    def record(self, error: BaseException | None):
+        """status.json of this process ending with `error` (None: success), once it has started.
+
+        Called on leaving, or by a watcher thread when the process must end at once (another
+        rank of a run split across processes failed)."""
+        if self.started:
+            atomic_write_json(self.path / STATUS, {**outcome(error), "time": _now()})
+
     def __exit__(self, kind, error, traceback):
         try:
-            if self.started:
-                atomic_write_json(self.path / STATUS, {**outcome(error), "time": _now()})
+            self.record(error)
         finally:
             os.close(self._fd)  # releases the lock
             self._fd = None

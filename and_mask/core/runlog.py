@@ -143,17 +143,28 @@ class RunLog:
         if not isinstance(state, dict) or not all(k in state for k in CHECKPOINT_KEYS) \
                 or not isinstance(state["epoch"], int):
             raise RunError(f"{path} is damaged: not a checkpoint of this project; --overwrite starts the run again")
-        rng = state["rng"]
         try:
-            # map_location moved the RNG states too; generators take their state as a CPU tensor.
-            torch.set_rng_state(rng["torch"].cpu())
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+            restore_rng(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
             raise RunError(f"{path} is damaged: its random number generator states cannot be restored") from None
         return state
+
+
+def restore_rng(rng: dict, cuda_device: torch.device | None = None):
+    """Set the random number generators to the states a checkpoint saved.
+
+    With `cuda_device` (a rank of a run split across GPUs, whose checkpoint rank 0 saved on GPU
+    0), only that device's generator is set, to the state of GPU 0.
+    """
+    # map_location moved the RNG states too; generators take their state as a CPU tensor.
+    torch.set_rng_state(rng["torch"].cpu())
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        if cuda_device is not None and cuda_device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][0].cpu(), cuda_device)
+        else:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
 def _line(record: dict) -> str:

@@ -9,6 +9,10 @@ objective's loss. An experiment's stop rule may end training after any epoch (it
 the final record as "stopped_early"). After the last epoch the evaluation sets are measured once
 more (phase "final"), together with the optional `final_metrics(model)` (e.g. the consistency
 estimate), which never runs during training. Every record goes to metrics.jsonl at once.
+
+A run split across processes (`and_mask.core.env_split`) goes through the same loop: each step
+the ranks share out the environments and hold the same update afterwards; evaluation batches are
+shared out and their sums added up; only rank 0 writes (its run log; the others' write nothing).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from and_mask.core.combiners import apply_combiner
+from and_mask.core.distributed import shard_loader
+from and_mask.core.env_split import EnvSplit, LocalBatch
 from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.objectives import Objective, ObjectiveContext, captured_features, final_linear, objective_loss
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
@@ -59,18 +64,24 @@ def _flat_output(output: torch.Tensor) -> torch.Tensor:
 
 def count_correct(output: torch.Tensor, target: torch.Tensor) -> int:
     """One logit per example: correct when (logit >= 0) == target; several: argmax == target."""
+    if target.shape[0] == 0:
+        return 0
     output = _flat_output(output)
     pred = (output >= 0).to(target.dtype) if output.dim() == 1 else output.argmax(dim=1)
     return int((pred == target.reshape(pred.shape)).sum())
 
 
 @torch.no_grad()
-def evaluate(model, loaders: dict, loss_fn, device) -> dict:
-    """Mean loss and accuracy of every evaluation set, in eval mode: {name_loss, name_acc}."""
+def evaluate(model, loaders: dict, loss_fn, device, world=None) -> dict:
+    """Mean loss and accuracy of every evaluation set, in eval mode: {name_loss, name_acc}.
+
+    With a `world` of several ranks, each loader holds this rank's share of the batches
+    (`shard_loader`) and the sums are added up across ranks.
+    """
     was_training = model.training
     model.eval()
-    out = {}
-    for name, loader in loaders.items():
+    sums = []
+    for loader in loaders.values():
         loss_sum, correct, total = 0.0, 0, 0
         for inputs, target in loader:
             inputs, target = inputs.to(device), target.to(device)
@@ -78,9 +89,14 @@ def evaluate(model, loaders: dict, loss_fn, device) -> dict:
             loss_sum += float(loss_fn(_flat_output(output), target)) * target.shape[0]
             correct += count_correct(output, target)
             total += target.shape[0]
+        sums.append([loss_sum, correct, total])
+    model.train(was_training)
+    if world is not None and world.size > 1 and sums:
+        sums = world.all_reduce_sum([torch.tensor(sums, dtype=torch.float64, device=world.device)])[0].tolist()
+    out = {}
+    for name, (loss_sum, correct, total) in zip(loaders, sums):
         out[f"{name}_loss"] = loss_sum / max(total, 1)
         out[f"{name}_acc"] = correct / max(total, 1)
-    model.train(was_training)
     return out
 
 
@@ -89,10 +105,12 @@ class Trainer:
 
     def __init__(self, setup: TrainSetup, method, hparams: dict, runlog: RunLog, device,
                  engine: str = "auto", chunk_size: int | None = None, l1_coef: float = 0.0, quiet: bool = False,
-                 l2_coef: float = 0.0, final_metrics: Callable[[nn.Module], dict] | None = None):
+                 l2_coef: float = 0.0, final_metrics: Callable[[nn.Module], dict] | None = None,
+                 split: EnvSplit | None = None):
         self.setup, self.method, self.hparams, self.runlog = setup, method, hparams, runlog
         self.device, self.engine, self.chunk_size, self.l1_coef, self.quiet = device, engine, chunk_size, l1_coef, quiet
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.objective = self._build_objective() if isinstance(method, Objective) else None
         self.plain = self.objective is None and method.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
@@ -101,6 +119,9 @@ class Trainer:
         problem = hvp_unsupported(setup.model) if needs_hvp else None
         if problem:
             raise RunError(f"--method {method.name}: {problem}")
+        self.split = split if split is not None else EnvSplit()
+        self.world = self.split.world
+        self.eval_loaders = {name: shard_loader(loader, self.world) for name, loader in setup.eval_loaders.items()}
 
     def _build_objective(self):
         """The run's ObjectiveModule; its own parameters join the optimiser as a new parameter group."""
@@ -115,48 +136,76 @@ class Trainer:
             setup.optimizer.add_param_group({"params": extra})
         return objective
 
-    def _objective_step(self, inputs, target, n_envs, env_ids):
+    def _objective_step(self, batch: LocalBatch, n_envs: int, env_ids):
+        """Backward pass of the objective's loss over all n_envs environments, through this rank's terms."""
         if self.method.needs_env_ids and env_ids is None:
             raise RunError(f"--method {self.method.name} needs to know the environment of each example, which this "
                            "experiment's batches do not say")
+        if batch.n_envs == 0:
+            raise RunError(f"--method {self.method.name} needs at least one environment per process: a step has "
+                           f"{n_envs} environments for {self.world.size} processes")
         features = captured_features(self.setup.model) if self.method.needs_features else nullcontext({})
         with features as captured:
-            output = self.setup.model(inputs)
-        loss, risk, diagnostics = objective_loss(self.objective, output, target, n_envs, captured.get("features"),
-                                                 env_ids)
+            output = self.setup.model(batch.inputs)
+        ids = None if env_ids is None else env_ids[batch.first:batch.first + batch.n_envs]
+        loss, risks, diagnostics = objective_loss(self.objective, output, batch.target, batch.n_envs,
+                                                  captured.get("features"), ids, batch.own,
+                                                  lambda terms: self.split.share_terms(terms, n_envs))
         loss.backward()
-        return output.detach(), risk.detach(), {"objective": loss.detach(), **diagnostics}
+        self.split.sum_grads([p for p in self.objective.parameters() if p.requires_grad] + self.params)
+        own = self.world.env_range(n_envs)
+        risks = risks if batch.whole else risks[own.start:own.stop]  # as the rank's share of the batch's losses
+        return risks.detach(), output.detach(), {"objective": loss.detach(), **diagnostics}
 
     def _step(self, inputs, target, n_envs, env_ids=None):
-        model, params = self.setup.model, [p for _, p in self.named_params]
+        """One step's gradients in param.grad; returns (mean loss, correct predictions, masks or None,
+        the objective's diagnostics)."""
+        model, params = self.setup.model, self.params
         self.setup.optimizer.zero_grad(set_to_none=True)
+        split = self.split
+        per_env = self.objective is None and not self.plain
+        batch = split.local_batch(model, self.engine if per_env else "shared", inputs, target, n_envs,
+                                  accepts_outer=per_env)
         masks, diagnostics = None, {}
-        if self.objective is not None:
-            output, loss, diagnostics = self._objective_step(inputs, target, n_envs, env_ids)
-        elif self.plain:
-            output = model(inputs)
-            loss = env_losses_from_output(output, target, self.setup.loss_fn, n_envs).mean()
-            loss.backward()
-            output = output.detach()
-            loss = loss.detach()
-        else:
-            result = per_env_grads(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size,
-                                   accepts_outer=True)
-            # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
-            hvp = (env_hvp(model, inputs, target, self.setup.loss_fn, n_envs, self.engine, self.chunk_size)
-                   if self.method.needs_hvp else None)
-            combined, per_tensor = apply_combiner(self.method, result.grads, self.hparams, hvp)
-            for p, g in zip(params, combined):
-                p.grad = g
-            output, loss = result.output, result.env_losses.mean()
-            masks = [d.get("mask") for d in per_tensor]
+        with split.random_stream(model, batch):
+            if self.objective is not None:
+                env_losses, output, diagnostics = self._objective_step(batch, n_envs, env_ids)
+            elif self.plain:
+                env_losses, output = self._mean_backward(batch, n_envs)
+                split.sum_grads(params)
+            else:
+                with split.whole_batch_statistics(model, batch, inputs):
+                    result = per_env_grads(model, batch.inputs, batch.target, self.setup.loss_fn, batch.n_envs,
+                                           batch.engine, self.chunk_size, accepts_outer=True, envs=batch.own)
+                # Hessian-vector products at θ of the same per-environment losses, for the combiners that need them
+                hvp = (split.share_hvp(env_hvp(model, batch.inputs, batch.target, self.setup.loss_fn, batch.n_envs,
+                                               batch.engine, self.chunk_size) if batch.n_envs else None,
+                                       n_envs, batch.whole)
+                       if self.method.needs_hvp else None)
+                combined, per_tensor = split.combine(self.method, result.grads, self.hparams, n_envs, hvp)
+                for p, g in zip(params, combined):
+                    p.grad = g
+                env_losses, output = result.env_losses, result.output
+                masks = [d.get("mask") for d in per_tensor]
+        loss, correct = split.totals(env_losses, count_correct(output, batch.target), n_envs, batch.whole)
         if self.l1_coef > 0:
             for p in params:
                 p.grad.add_(torch.sign(p.detach()), alpha=self.l1_coef)
         if self.l2_coef > 0:  # the gradient of ½·l2_coef·‖θ‖², added after combining (never masked)
             for p in params:
                 p.grad.add_(p.detach(), alpha=self.l2_coef)
-        return output, loss, masks, diagnostics
+        return loss, correct, masks, diagnostics
+
+    def _mean_backward(self, batch: LocalBatch, n_envs: int):
+        """Backward pass of this rank's share Σ_e L_e / E of the mean loss; (env losses, output) forwarded."""
+        if batch.n_envs == 0:
+            empty = batch.target.new_zeros(0)
+            return empty, empty
+        output = self.setup.model(batch.inputs)
+        env_losses = env_losses_from_output(output, batch.target, self.setup.loss_fn, batch.n_envs)
+        own = env_losses if batch.own is None else env_losses[batch.own.start:batch.own.stop]
+        (own.sum() / n_envs).backward()
+        return env_losses.detach(), output.detach()
 
     def train_epoch(self, epoch: int) -> dict:
         setup = self.setup
@@ -169,8 +218,7 @@ class Trainer:
                    disable=self.quiet)
         for inputs, target, n_envs, *env_ids in bar:
             inputs, target = inputs.to(self.device), target.to(self.device)
-            output, loss, masks, diagnostics = self._step(inputs, target, n_envs, *env_ids)
-            loss_value = float(loss)
+            loss_value, step_correct, masks, diagnostics = self._step(inputs, target, n_envs, *env_ids)
             values = {key: float(value) for key, value in diagnostics.items()}
             if not (math.isfinite(loss_value) and math.isfinite(values.get("objective", 0.0))):
                 raise NonFiniteLossError(f"non-finite training loss ({loss_value}, objective "
@@ -179,6 +227,7 @@ class Trainer:
             for key, value in values.items():
                 objective_sums[key] = objective_sums.get(key, 0.0) + value
             setup.optimizer.step()
+            self.split.after_step(self.params, epoch, steps + 1)
             if setup.scheduler is not None and setup.scheduler_interval == "step":
                 setup.scheduler.step()
             if masks is not None:
@@ -188,7 +237,7 @@ class Trainer:
                 for d in density:
                     d += 1.0
             loss_sum += loss_value
-            correct += count_correct(output, target)
+            correct += step_correct
             count += target.shape[0]
             steps += 1
         if steps == 0:
@@ -233,9 +282,17 @@ class Trainer:
     def _stop_reason(self, record: dict) -> str | None:
         return self.setup.stop_rule(record) if self.setup.stop_rule is not None else None
 
+    def _evaluate(self) -> dict:
+        # BatchNorm's running statistics are rank 0's (they differ across ranks only with --dist_bn local).
+        self.world.broadcast_state(self.setup.model, buffers_only=True)
+        return evaluate(self.setup.model, self.eval_loaders, self.setup.loss_fn, self.device, self.world)
+
     def run(self, resume: bool = False) -> dict:
         setup = self.setup
         start = self._restore() if resume else 1
+        self.world.broadcast_state(setup.model)  # every rank starts from rank 0's model (and objective)
+        if self.objective is not None:
+            self.world.broadcast_state(self.objective)
         if start == 1:
             self.runlog.truncate_metrics(0)
             self.runlog.save_weights(setup.model, "weights_init.pt")
@@ -247,7 +304,7 @@ class Trainer:
         for epoch in epochs:
             started = time.time()
             record = {"epoch": epoch, "phase": "epoch"}
-            record.update(evaluate(setup.model, setup.eval_loaders, setup.loss_fn, self.device))
+            record.update(self._evaluate())
             record.update(self.train_epoch(epoch))
             record.update(setup.extra_metrics(setup.model))
             record["seconds"] = time.time() - started
@@ -260,12 +317,12 @@ class Trainer:
                 break
         last_epoch = [r for r in self.runlog.records() if r.get("phase") == "epoch"][-1]
         final = {"epoch": last_epoch["epoch"], "phase": "final"}
-        final.update(evaluate(setup.model, setup.eval_loaders, setup.loss_fn, self.device))
+        final.update(self._evaluate())
         if reason is not None:
             final["stopped_early"] = reason
             if not self.quiet:
                 print(f"stopped after epoch {last_epoch['epoch']}: {reason}")
-        if self.final_metrics is not None:
+        if self.final_metrics is not None and self.world.is_leader:  # the same on every rank: rank 0 alone
             final.update(self.final_metrics(setup.model))
         self.runlog.log(final)
         self.runlog.save_weights(setup.model, "weights_final.pt")

@@ -14,8 +14,10 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from gen_mask.gen_mask_utils import COMBINERS
-from gen_mask.leaderboard import BUDGETS
+from gen_mask.leaderboard import BUDGETS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = '''
@@ -104,8 +106,9 @@ def test_a_plugin_combiner_shows_up_in_the_leaderboard(tmp_path):
     assert "| soft_and |" in (out / "leaderboard.md").read_text()
 
 
-def test_bad_methods_and_both_budget_and_tasks_are_refused(tmp_path):
-    done = leaderboard(tmp_path, "--methods", "nope", "--launcher", "dry", "--out", str(tmp_path / "lb"))
-    assert done.returncode == 2 and "--methods names nope" in done.stderr.strip().splitlines()[-1]
-    done = leaderboard(tmp_path, "--budget", "quick", "--tasks", "x.toml", "--out", str(tmp_path / "lb"))
-    assert done.returncode == 2 and "not both" in done.stderr.strip().splitlines()[-1]
+def test_bad_methods_and_both_budget_and_tasks_are_refused(tmp_path, capsys):
+    for argv, message in [(["--methods", "nope", "--launcher", "dry"], "--methods names nope"),
+                          (["--budget", "quick", "--tasks", "x.toml"], "not both")]:
+        with pytest.raises(SystemExit) as exit:
+            main([*argv, "--out", str(tmp_path / "lb")])
+        assert exit.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]

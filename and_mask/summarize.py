@@ -13,74 +13,56 @@ runs are listed on stderr and left out, unreadable ones are skipped with a warni
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 from and_mask.core.cli import entry_parser
-from and_mask.core.runfolder import as_typed
+from and_mask.core.collect import Metric, flags_text, run_groups, stat
 from and_mask.core.runlog import CONFIG
-from and_mask.core.runsets import find_runs, key_flags, load_runs, sections, varying
+from and_mask.core.runsets import find_runs, load_runs, varying
 
 DENSITY = "mask density"
 INCONSISTENCY = "inconsistency I^ε ≥"  # a lower bound (and_mask.core.consistency)
 
 
 def mean_std(values, scale=100.0, digits=1):
-    mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """'95.2 ± 8.3': `collect.stat` of `values`, scaled (default: a fraction as a percentage)."""
+    s = stat(values)
+    return f"{scale * s.mean:.{digits}f} ± {scale * s.std:.{digits}f}"
 
 
-def numbers(run) -> dict:
-    """The table's numbers of one finished run."""
-    epochs = [r for r in run.records if r["phase"] == "epoch"]
-    densities = list(epochs[-1]["mask_density"].values())
-    out = {f"final {k[:-4]} acc (%)": v for k, v in run.records[-1].items() if k.endswith("_acc")}
-    out.update({"last-epoch train acc (%)": epochs[-1]["train_acc"], DENSITY: sum(densities) / len(densities),
-                "s/epoch": statistics.fmean(r["seconds"] for r in epochs)})
-    if "inconsistency" in run.records[-1]:
-        out[INCONSISTENCY] = run.records[-1]["inconsistency"]
-    return out
-
-
-def summarize(runs):
-    """{experiment: {group key: [per-run numbers]}} of the finished runs, and the paths of the others."""
-    tables, left_out = {}, []
-    for experiment, groups in sections(runs).items():
-        for key, members in groups.items():
-            for run in members:
-                if not run.finished:
-                    left_out.append(f"{run.path} ({run.state})")
-                    continue
-                try:
-                    row = numbers(run)
-                except (KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError):
-                    print(f"warning: skipping {run.path}: its metrics.jsonl lacks the numbers of a finished run",
-                          file=sys.stderr)
-                    continue
-                tables.setdefault(experiment, {}).setdefault(key, []).append(row)
-    return tables, left_out
+def columns(groups) -> list[tuple[str, str]]:
+    """(header, sample value) of the table: every final accuracy, then the last epoch's running
+    training accuracy, mask density, seconds per epoch and, where estimated, the inconsistency."""
+    names = list(dict.fromkeys(k for g in groups.values() for sample in g.samples for k in sample))
+    accuracies = [(f"final {k[:-4]} acc (%)", k) for k in names if k.endswith("_acc") and k != "train_acc"]
+    tail = [(INCONSISTENCY, "inconsistency")] if "inconsistency" in names else []
+    return accuracies + [("last-epoch train acc (%)", "train_acc"), (DENSITY, "mask_density"),
+                         ("s/epoch", "seconds")] + tail
 
 
 def table(groups) -> str:
-    differing = varying(groups)
-    several_packages = any("package" in flags for flags in differing.values())
-    columns = list(dict.fromkeys(c for runs in groups.values() for numbers in runs for c in numbers))
-    lines = ["| method | other flags | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
-    for key, runs in sorted(groups.items(), key=lambda item: str(key_flags(item[0]).get("method"))):
-        flags = key_flags(key)
-        method = f"{flags.get('method')}" + (f" ({flags['package']})" if several_packages else "")
-        other = " ".join(f"--{k} {as_typed(v)}" for k, v in sorted(differing[key].items())
-                         if k not in ("method", "package") and v is not None) or "defaults"
+    """The Markdown table of one experiment's groups ({runsets group key: collect.Group}) with finished runs."""
+    differ = varying(groups)
+    several_packages = any("package" in flags for flags in differ.values())
+    shown = columns(groups)
+    lines = ["| method | other flags | seeds | " + " | ".join(h for h, _ in shown) + " |",
+             "|---" * (len(shown) + 3) + "|"]
+    for key, group in sorted(groups.items(), key=lambda item: item[1].method):
+        method = group.method + (f" ({group.flags['package']})" if several_packages else "")
+        other = flags_text({k: v for k, v in differ[key].items() if k not in ("method", "package")}) or "defaults"
         cells = []
-        for column in columns:
-            values = [numbers[column] for numbers in runs if column in numbers]
-            if column == "s/epoch":
-                cells.append(f"{statistics.fmean(values):.1f}")
+        for header, name in shown:
+            s = group.stat(name)
+            if s is None:
+                cells.append("–")
+            elif name == "seconds":
+                cells.append(f"{s.mean:.1f}")
             else:
-                cells.append(mean_std(values, 1, 2) if column in (DENSITY, INCONSISTENCY) else mean_std(values))
-        lines.append(f"| {method} | {other} | {len(runs)} | " + " | ".join(cells) + " |")
+                digits = 2 if name in ("mask_density", "inconsistency") else 1
+                scale = 100 if Metric(name).is_accuracy else 1
+                cells.append(f"{scale * s.mean:.{digits}f} ± {scale * s.std:.{digits}f}")
+        lines.append(f"| {method} | {other} | {len(group.samples)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -99,9 +81,13 @@ def main(argv=None):
     run_dirs = find_runs(args.runs)
     if not run_dirs:
         parser.error(f"no run folder (with a {CONFIG}) under {', '.join(map(str, args.runs))}")
-    tables, left_out = summarize(load_runs(run_dirs))
-    for run in left_out:
-        print(f"(unfinished, left out: {run})", file=sys.stderr)
+    runs = load_runs(run_dirs)
+    for run in runs:
+        if not run.finished:
+            print(f"(unfinished, left out: {run.path} ({run.state}))", file=sys.stderr)
+    tables = {experiment: {key: group for key, group in groups.items() if group.samples}
+              for experiment, groups in run_groups(runs).items()}
+    tables = {experiment: groups for experiment, groups in tables.items() if groups}
     if not tables:
         parser.error("no finished run among the given folders")
     for experiment, groups in tables.items():

@@ -19,12 +19,18 @@ A whole-model rule declared `needs_hvp=True` also receives `hvp`, the environmen
 Hessian-vector products (see `and_mask.core.combiners`); lookahead alignment, in
 `gen_mask.lookahead`, is one.
 
+A rule kept in a module of one's own joins the registries without touching the repository:
+`GEN_MASK_PLUGINS=my_rule` (comma-separated modules) makes this module import it (`load_plugins`).
+
 `OBJECTIVES` holds the second kind of method, training objectives whose update is the ordinary
 gradient of a loss over environments (the paper's baselines IRMv1, V-REx and DANN, defined in
 `gen_mask.baselines`); --method picks from both registries, which share one name space.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 import warnings
 
 import torch
@@ -293,3 +299,28 @@ def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", 
 
 OBJECTIVES = ObjectiveRegistry({o.name: o for o in baselines.BASELINES})
 METHOD_FLAGS = MethodFlags(COMBINERS, required=False, objectives=OBJECTIVES)
+
+PLUGINS_VARIABLE = "GEN_MASK_PLUGINS"
+
+
+def load_plugins(text: str) -> list[str]:
+    """Import the comma-separated modules of `text`, which register methods into COMBINERS or OBJECTIVES.
+
+    Called below with the environment variable GEN_MASK_PLUGINS, so a user's rules in a module of
+    their own (on PYTHONPATH) join the registries wherever this module is imported: every
+    --method flag, the run modules, the sweeps (their runs inherit the variable) and the
+    leaderboard. A module that cannot be imported or registers a taken name ends the process
+    with one line.
+    """
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            sys.exit(f"error: {PLUGINS_VARIABLE} names {name}, which cannot be imported: {error}")
+        except ValueError as error:  # a registry refusing a name taken already
+            sys.exit(f"error: the plugin {name} ({PLUGINS_VARIABLE}): {error}")
+    return names
+
+
+PLUGINS = load_plugins(os.environ.get(PLUGINS_VARIABLE, ""))

@@ -2,10 +2,9 @@
 someone adds is checked too) and the closed-form / optimality properties of each rule.
 
 To check combiners defined in your own module as well: GEN_MASK_PLUGINS=my_rule pytest tests/test_gen_mask_combiners.py
+(gen_mask.gen_mask_utils imports the modules GEN_MASK_PLUGINS names).
 """
-import importlib
 import itertools
-import os
 import warnings
 
 import numpy as np
@@ -17,9 +16,6 @@ from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_hvp import hvp_from_hessians
 from gen_mask import solvers
 from gen_mask.gen_mask_utils import COMBINERS
-
-for _module in filter(None, os.environ.get("GEN_MASK_PLUGINS", "").split(",")):
-    importlib.import_module(_module.strip())
 
 NAMES = sorted(COMBINERS)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

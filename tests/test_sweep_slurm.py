@@ -3,8 +3,11 @@
 A sweep of two real synthetic runs is submitted; while both train, one job is cancelled
 (scancel) and the other is sent SIGUSR2, SLURM's warning before a time limit or a preemption.
 The second is requeued and resumes by itself; the first is continued by a relaunch. Every epoch
-is logged once, and both runs' metrics equal those of the same sweep run locally.
+is logged once, both runs' metrics equal those of the same sweep run locally, and so does the
+table that `collect` makes of them.
 """
+import csv
+import io
 import json
 import os
 import subprocess
@@ -79,6 +82,17 @@ def comparable(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
+def leaderboard(sweep_dir) -> tuple[list[dict], list[list[str]]]:
+    """`collect`'s CSV rows and Markdown table rows of a sweep folder, wall-clock times left out."""
+    assert main(["collect", str(sweep_dir), "--quiet"]) == 0
+    rows = [{k: v for k, v in row.items() if k != "seconds"}
+            for row in csv.DictReader(io.StringIO((Path(sweep_dir) / "leaderboard.csv").read_text()))]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")]
+             for line in (Path(sweep_dir) / "leaderboard.md").read_text().splitlines() if line.startswith("| ")]
+    timed = cells[0].index("s/epoch")
+    return rows, [row[:timed] + row[timed + 1:] for row in cells]
+
+
 def squeue(env, job_id):
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%t %r"], capture_output=True, text=True,
                          env=dict(os.environ, **env))
@@ -124,6 +138,7 @@ def test_slurm_sweep_survives_cancel_and_requeue_and_matches_local(cluster, tmp_
     for run_id in jobs:
         assert [r["epoch"] for r in epochs_logged(folder.run_dir(run_id))] == list(range(1, EPOCHS + 1))
         assert comparable(folder.run_dir(run_id)) == comparable(local / "runs" / run_id)
+    assert leaderboard(remote) == leaderboard(local)
 
 
 def test_several_tasks_per_job_get_the_torch_distributed_environment(cluster, tmp_path, monkeypatch):

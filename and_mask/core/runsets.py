@@ -82,9 +82,13 @@ def key_flags(key: tuple) -> dict:
     return {"package": key[1], **json.loads(key[2])}
 
 
+def differing(flag_sets: dict) -> dict:
+    """{key: {flag: value}} of the flags whose values are not the same in every one of `flag_sets` ({key: flags})."""
+    names = {name for flags in flag_sets.values() for name in flags}
+    differ = {n for n in names if len({json.dumps(f.get(n), sort_keys=True) for f in flag_sets.values()}) > 1}
+    return {key: {n: v for n, v in flags.items() if n in differ} for key, flags in flag_sets.items()}
+
+
 def varying(keys) -> dict:
     """{key: {flag: value}} of the flags (and package) whose values are not the same in every group."""
-    flags = {key: key_flags(key) for key in keys}
-    names = {name for f in flags.values() for name in f}
-    differ = {n for n in names if len({json.dumps(f.get(n), sort_keys=True) for f in flags.values()}) > 1}
-    return {key: {n: v for n, v in f.items() if n in differ} for key, f in flags.items()}
+    return differing({key: key_flags(key) for key in keys})

@@ -43,6 +43,11 @@ def _missing(folder: Path):
     return [p.name for p in _cifar_files(folder, True) + _cifar_files(folder, False) if not p.is_file()]
 
 
+def cifar10_present(data_path=None) -> bool:
+    """Whether every file of CIFAR-10 is in DATA_PATH (default: the repository's data/ folder)."""
+    return not _missing(Path(DEFAULT_DATA_PATH if data_path is None else data_path) / CIFAR_FOLDER)
+
+
 def read_cifar10(data_path=None, train=True, download=True):
     """Return (images uint8 (N, 3, 32, 32), labels int64 (N,)) of CIFAR-10's train or test split."""
     root = Path(DEFAULT_DATA_PATH if data_path is None else data_path)

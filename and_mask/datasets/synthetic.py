@@ -44,14 +44,39 @@ def get_spirals_dataset(n_examples, n_rotations, env, n_envs, n_dims_signatures,
 def make_loader(n_examples, env, n_envs, n_revolutions, n_dims, batch_size, seed, train=True, signature_std=1.0):
     inputs, labels = get_spirals_dataset(n_examples, n_revolutions, env, n_envs, n_dims, seed=seed,
                                          signature_std=signature_std)
+    return _loader(inputs, labels, batch_size, train)
+
+
+def _loader(inputs, labels, batch_size, train):
     dataset = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(labels))
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train)
 
 
-def make_loaders(examples_per_env, n_test, n_envs, n_revolutions, n_dims, batch_size, seed, signature_std=1.0):
-    """Training loaders (env e uses seed + e; shuffled, drop_last) and the test loader."""
-    train = [make_loader(examples_per_env, env, n_envs, n_revolutions, n_dims, batch_size, seed + env,
-                         signature_std=signature_std) for env in range(n_envs)]
+def held_out(examples_per_env: int, holdout_fraction: float) -> int:
+    """Examples of each training environment held out for validation: floor(fraction · examples)."""
+    return int(holdout_fraction * examples_per_env)
+
+
+def make_loaders(examples_per_env, n_test, n_envs, n_revolutions, n_dims, batch_size, seed, signature_std=1.0,
+                 holdout_fraction=0.0):
+    """Training loaders (env e uses seed + e; shuffled, drop_last), the test loader and the validation loader.
+
+    With `holdout_fraction` > 0 the last `held_out(examples_per_env, holdout_fraction)` examples
+    drawn for each training environment (a random subset: the draws are independent) are not
+    trained on; together they form the validation set, data of the training environments. With 0
+    nothing is held out, the draws are exactly those without the split, and the validation loader
+    is None.
+    """
+    train, held = [], []
+    n_held = held_out(examples_per_env, holdout_fraction)
+    for env in range(n_envs):
+        inputs, labels = get_spirals_dataset(examples_per_env, n_revolutions, env, n_envs, n_dims, seed=seed + env,
+                                             signature_std=signature_std)
+        kept = examples_per_env - n_held
+        train.append(_loader(inputs[:kept], labels[:kept], batch_size, train=True))
+        held.append((inputs[kept:], labels[kept:]))
     test = make_loader(n_test, "test", n_envs, n_revolutions, n_dims, 1000, TEST_SEED, train=False,
                        signature_std=signature_std)
-    return train, test
+    val = _loader(np.concatenate([x for x, _ in held]), np.concatenate([y for _, y in held]), 1000,
+                  train=False) if n_held else None
+    return train, test, val

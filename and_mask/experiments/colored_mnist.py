@@ -9,8 +9,12 @@ training set and ≈ 10 % on test. Agreement environments (--agreement_envs):
 - ``color``: each step takes --batch_size examples from each colour environment (E = 2), or with
   --envs_per_step 1 from one of them, the two taking turns in random order.
 Evaluation sets: ``train_eval`` (the whole training set with the labels it is trained on),
-``relabelled`` (the examples given random labels, when --random_labels_fraction > 0), ``test``.
+``relabelled`` (the examples given random labels, when --random_labels_fraction > 0), ``val``
+(with --holdout_fraction > 0: examples of both training environments, with their labels, held
+out from training and from ``train_eval``), ``test``.
 """
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
@@ -50,6 +54,10 @@ def add_flags(parser, package):
     add_optimizer_flags(group, "adam_flexible_weight_decay")
     group.add_argument("--random_labels_fraction", type=fraction, required=True,
                        help="Fraction of training examples whose label is replaced by a uniform one in {0, 1}.")
+    group.add_argument("--holdout_fraction", type=probability, default=0.0,
+                       help="Share in [0, 1) of each training colour environment held out from training as the "
+                            "validation set `val` (evaluated every epoch, for model selection that never looks at "
+                            "the test environment); 0 holds out nothing and leaves every draw as it was.")
     group.add_argument("--batch_size", type=positive_int, default=100,
                        help="Examples per step (--agreement_envs example) or per colour environment per step (color).")
     group.add_argument("--envs_per_step", type=int, choices=[1, 2], default=None,
@@ -100,6 +108,21 @@ def loss_for(n_outputs):
     return F.binary_cross_entropy_with_logits if n_outputs == 1 else F.cross_entropy
 
 
+def holdout_split(train_envs: torch.Tensor, fraction: float, seed: int):
+    """(kept, held) sorted positions of the training examples: floor(fraction · n_e) of each
+    environment e held out for validation, drawn by a generator of their own (so no other draw
+    changes); with fraction 0, every position is kept."""
+    if fraction == 0:
+        return torch.arange(len(train_envs)), torch.zeros(0, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed % 2 ** 32)
+    held = []
+    for env in (0, 1):
+        positions = (train_envs == env).nonzero().squeeze(1)
+        held.append(positions[torch.randperm(len(positions), generator=generator)[:int(fraction * len(positions))]])
+    held = torch.cat(held).sort().values
+    return torch.from_numpy(np.setdiff1d(np.arange(len(train_envs)), held.numpy())), held
+
+
 def build(args, device) -> TrainSetup:
     tensors = prepared(args.dataset, args.protocol, args.seed, args.data_path)
     envs, labels = tensors["envs"], tensors["labels"]
@@ -112,11 +135,15 @@ def build(args, device) -> TrainSetup:
         labels = labels.float()
     data = ColoredImages(tensors["images"], tensors["colors"], labels, args.protocol)
 
-    train_set = data.subset(train_idx)
-    env_sets = [data.subset((envs == e).nonzero().squeeze(1)) for e in (0, 1)]
+    kept, held = holdout_split(envs[train_idx], args.holdout_fraction, args.seed)
+    train_set = data.subset(train_idx[kept])
+    env_sets = [data.subset(train_idx[kept][envs[train_idx[kept]] == e]) for e in (0, 1)]
     eval_loaders = {"train_eval": batch_loader(train_set, 1000, train=False)}
+    relabelled = torch.searchsorted(kept, relabelled[torch.isin(relabelled, kept)])  # those trained on
     if len(relabelled):
         eval_loaders["relabelled"] = batch_loader(train_set.subset(relabelled), 1000, train=False)
+    if len(held):
+        eval_loaders["val"] = batch_loader(data.subset(train_idx[held]), 1000, train=False)
     eval_loaders["test"] = batch_loader(data.subset(test_idx), 1000, train=False)
 
     env_loaders = [batch_loader(s, args.batch_size, True, args.num_workers) for s in env_sets]

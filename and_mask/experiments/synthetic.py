@@ -27,7 +27,7 @@ from and_mask.core.cli import (MAX_SEED, add_lr_milestones_flag, check_lr_milest
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.common import env_group_batches
-from and_mask.datasets.synthetic import make_loaders
+from and_mask.datasets.synthetic import held_out, make_loaders
 from and_mask.models import MLP
 
 NAME = "synthetic"
@@ -81,6 +81,10 @@ def add_flags(parser, package):
     group.add_argument("--examples_per_env", type=positive_int, default=None,
                        help="Training examples per environment. Default: the protocol's (original 1024, paper 1280).")
     group.add_argument("--n_test", type=positive_int, default=2000, help="Test examples, whose signatures are noise.")
+    group.add_argument("--holdout_fraction", type=probability, default=0.0,
+                       help="Share in [0, 1) of each training environment's examples held out from training as the "
+                            "validation set `val` (evaluated every epoch, for model selection that never looks at "
+                            "the test set); 0 holds out nothing and leaves every draw as it was.")
     if package == "and_mask":
         group.add_argument("--n_train_envs", type=positive_int, default=None,
                            help="Training environments. Default: the protocol's (original 16, paper 32).")
@@ -168,8 +172,10 @@ def check(args, parser):
     if args.seed + n_train - 1 > MAX_SEED:
         parser.error(f"--seed {args.seed} is too large: environment e draws its data with seed + e, and "
                      f"seed + {n_train - 1} exceeds numpy's largest seed {MAX_SEED}")
-    if args.batch_size > args.examples_per_env:
-        parser.error(f"--batch_size ({args.batch_size}) exceeds --examples_per_env ({args.examples_per_env})")
+    held = held_out(args.examples_per_env, args.holdout_fraction)
+    if args.batch_size > args.examples_per_env - held:
+        parser.error(f"--batch_size ({args.batch_size}) exceeds --examples_per_env ({args.examples_per_env})"
+                     + (f" less the {held} held out (--holdout_fraction)" if held else ""))
     check_lr_milestones(parser, args)
     check_optimizer_flags(args, parser)
 
@@ -198,15 +204,17 @@ def stop_rule(args):
 def build(args, device) -> TrainSetup:
     resolve_protocol(args)
     n_train, n_agree = env_counts(args)
-    train_loaders, test_loader = make_loaders(args.examples_per_env, args.n_test, n_train, args.n_revolutions,
-                                              args.n_dims, args.batch_size, args.seed, args.signature_std)
+    train_loaders, test_loader, val_loader = make_loaders(args.examples_per_env, args.n_test, n_train,
+                                                          args.n_revolutions, args.n_dims, args.batch_size, args.seed,
+                                                          args.signature_std, args.holdout_fraction)
     model = MLP(2 + args.n_dims, args.n_hidden_units, args.n_hidden_layers, 1, bool(args.batch_norm),
                 args.dropout_p).to(device)
     optimizer = make_optimizer(args, model.parameters(), args.lr, args.weight_decay)
     scheduler = MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=0.1)
-    batches_per_env = args.examples_per_env // args.batch_size
+    batches_per_env = (args.examples_per_env - held_out(args.examples_per_env, args.holdout_fraction)) // args.batch_size
+    eval_loaders = {"test": test_loader} if val_loader is None else {"val": val_loader, "test": test_loader}
     return TrainSetup(model=model, optimizer=optimizer, loss_fn=F.binary_cross_entropy_with_logits,
                       train_batches=lambda epoch: env_group_batches(train_loaders, n_agree),
-                      eval_loaders={"test": test_loader}, epochs=args.epochs, scheduler=scheduler,
+                      eval_loaders=eval_loaders, epochs=args.epochs, scheduler=scheduler,
                       steps_per_epoch=batches_per_env * n_train // n_agree, env_loaders=train_loaders,
                       stop_rule=stop_rule(args))

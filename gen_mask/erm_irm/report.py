@@ -8,11 +8,11 @@ dashed; the SEMs' error axis is logarithmic above 1e-2 and linear below.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from and_mask.core.collect import Group, stat
 from and_mask.core.files import atomic_write, atomic_write_text
 
 TABLE = "table.md"
@@ -20,38 +20,43 @@ PLOT = "error_vs_n.png"
 METRIC = {True: "‖ŵ − w*‖²", False: "test error"}
 
 
-def summarise(records: list[dict]):
-    """(methods in order of appearance, sorted sizes, {(method, n): errors}, {n: mean optimum})."""
-    errors, optima = defaultdict(list), defaultdict(list)
-    methods = list(dict.fromkeys(r["method"] for r in records))
+def record_groups(records: list[dict]) -> dict:
+    """{(method, n_train): collect.Group} of result records, in order of appearance; each trial
+    is a sample {"error", "optimum", "seconds" (of its fit)}."""
+    groups = {}
     for r in records:
-        errors[(r["method"], r["n_train"])].append(r["error"])
-        optima[r["n_train"]].append(r["optimum"])
-    sizes = sorted(optima)
-    return methods, sizes, errors, {n: float(np.mean(v)) for n, v in optima.items()}
+        group = groups.setdefault((r["method"], r["n_train"]), Group(r["dataset"], r["method"],
+                                                                     {"n_train": r["n_train"]}, seconds_unit="fit"))
+        seconds = {"seconds": r["seconds"]} if isinstance(r.get("seconds"), (int, float)) else {}
+        group.samples.append({"error": r["error"], "optimum": r["optimum"], **seconds})
+    return groups
 
 
-def _mean_std(values):
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def summarise(records: list[dict]):
+    """(methods in order of appearance, sorted sizes, {(method, n): collect.Group}, {n: mean optimum})."""
+    groups = record_groups(records)
+    methods = list(dict.fromkeys(method for method, _ in groups))
+    optima = {n: stat(r["optimum"] for r in records if r["n_train"] == n).mean
+              for n in sorted({r["n_train"] for r in records})}
+    return methods, list(optima), groups, optima
 
 
 def format_table(records: list[dict], is_sem: bool, digits: int = 3) -> str:
-    methods, sizes, errors, optima = summarise(records)
+    methods, sizes, groups, optima = summarise(records)
     size_name = "n per env" if is_sem else "n"
     lines = [f"| method \\ {size_name} | " + " | ".join(str(n) for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for method in methods:
         cells = []
         for n in sizes:
-            values = errors.get((method, n))
-            if values:
-                mean, std = _mean_std(values)
-                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}")
-            else:
+            s = groups[(method, n)].stat("error") if (method, n) in groups else None
+            if s is None:
                 cells.append("–")
+            else:
+                cells.append(f"{s.mean:.{digits}f} ± {s.std:.{digits}f}" if s.n > 1 else f"{s.mean:.{digits}f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("| optimum | " + " | ".join(f"{optima[n]:.{digits}f}" for n in sizes) + " |")
-    trials = sorted({len(v) for v in errors.values()})
+    trials = sorted({len(g.samples) for g in groups.values()})
     spread = "one trial" if trials == [1] else f"mean ± std over {'/'.join(map(str, trials))} trials"
     return "\n".join(lines) + f"\n\n{METRIC[is_sem]}, {spread}.\n"
 
@@ -62,13 +67,13 @@ def plot(records: list[dict], is_sem: bool, title: str, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods, sizes, errors, optima = summarise(records)
+    methods, sizes, groups, optima = summarise(records)
     palette = plt.get_cmap("tab20").colors
     colours = palette[0::2] + palette[1::2]  # the ten strong colours first, then their light pairs
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     for i, method in enumerate(methods):
-        ns = [n for n in sizes if errors.get((method, n))]
-        stats = np.array([_mean_std(errors[(method, n)]) for n in ns])
+        ns = [n for n in sizes if (method, n) in groups]
+        stats = np.array([(s.mean, s.std) for s in (groups[(method, n)].stat("error") for n in ns)])
         ax.errorbar(ns, stats[:, 0], yerr=stats[:, 1], label=method, color=colours[i % 20], marker="o", ms=3,
                     capsize=2, lw=1.2)
     ax.plot(sizes, [optima[n] for n in sizes], "k--", lw=1.5, label="optimum")

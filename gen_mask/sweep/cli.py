@@ -8,6 +8,8 @@ flags with its module's parser, writes DIR/sweep.json, then starts what is left:
 started from scratch, interrupted ones with --resume, failed ones only with --retry_failed;
 finished and running ones are left alone, and so are runs whose SLURM job is still queued.
 Nothing is ever deleted. A second launch on the same folder is refused while one runs.
+
+`collect` writes DIR/leaderboard.md, leaderboard.csv and leaderboard.png (`gen_mask.sweep.collect`).
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import sys
 import tomllib
 
 from and_mask.core.cli import HelpFormatter, entry_parser, non_negative_int, positive_int, seed_int
+from and_mask.core.collect import SELECTIONS
 from and_mask.core.errors import RunError
 from gen_mask.sweep import local, slurm
 from gen_mask.sweep.folder import SweepFolder
-from gen_mask.sweep.jobs import Job, interfaces
+from gen_mask.sweep.jobs import Job, carried_env, interfaces
 from gen_mask.sweep.spec import Run, expand, load_spec, parse_spec
 
 SHOWN_FAILURES = 10  # failed runs listed after a launch
@@ -68,16 +71,23 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated seeds in [0, 2**32 - 1], got {text}")
 
 
-def add_run_flags(parser: argparse.ArgumentParser):
-    parser.add_argument("sweep", nargs="?", default=None,
-                        help="The sweep file (TOML). Default: the sweep given by --module and the flags below, or "
-                             "else the one saved in --out.")
+def add_launch_flags(parser: argparse.ArgumentParser):
+    """The flags of a launch: the sweep folder, the launcher and each launcher's own flags."""
     parser.add_argument("--out", required=True, help="The sweep folder (sweep.json, runs/, logs/, slurm/).")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="Where the runs go: local processes, a SLURM job array, or printed commands (dry).")
     parser.add_argument("--retry_failed", action="store_true",
                         help="Also rerun failed runs (from their last checkpoint where the module resumes).")
     parser.add_argument("--quiet", action="store_true", help="Show no progress bar.")
+    for add_flags, _ in LAUNCHERS.values():
+        add_flags(parser)
+
+
+def add_run_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("sweep", nargs="?", default=None,
+                        help="The sweep file (TOML). Default: the sweep given by --module and the flags below, or "
+                             "else the one saved in --out.")
+    add_launch_flags(parser)
     group = parser.add_argument_group("a sweep from flags (instead of a file)")
     group.add_argument("--module", default=None,
                        help="The entry module of every run, e.g. gen_mask.run_synthetic. Default: none, the sweep "
@@ -96,8 +106,6 @@ def add_run_flags(parser: argparse.ArgumentParser):
     group.add_argument("--n_random", type=positive_int, default=None,
                        help="Draws of the random search. Default: none, which --random needs.")
     group.add_argument("--random_seed", type=non_negative_int, default=0, help="Seed of the random search's draws.")
-    for add_flags, _ in LAUNCHERS.values():
-        add_flags(parser)
 
 
 def _spec_from_flags(args) -> dict:
@@ -142,7 +150,7 @@ def _plan(runs, found, folder: SweepFolder, args) -> tuple[list[Job], dict]:
         interface = found[run.module]
         jobs.append(Job(run_id=run.id, module=run.module, args=tuple(run.args), output_flag=interface.output_flag,
                         resume_flag=interface.resume_flag, run_dir=folder.run_dir(run.id).resolve(),
-                        log=folder.log_path(run.id).resolve(), resume=status != "empty"))
+                        log=folder.log_path(run.id).resolve(), resume=status != "empty", env=carried_env()))
     return jobs, counts
 
 
@@ -163,11 +171,16 @@ def _report(folder: SweepFolder) -> int:
 
 
 def run_main(args, parser) -> int:
+    return launch(_tasks(args, parser), args, parser)
+
+
+def launch(tasks, args, parser) -> int:
+    """Save the sweep of `tasks` (None: the one saved in args.out) and launch its runs that have not
+    finished, with the flags of `add_launch_flags`; 0 when every run has finished."""
     if args.launcher == "slurm" and args.slurm_time * 60 <= args.slurm_signal_delay_s:
         parser.error(f"--slurm_time ({args.slurm_time} min) must exceed --slurm_signal_delay_s "
                      f"({args.slurm_signal_delay_s} s), when a job is told to stop")
     folder = SweepFolder(args.out)
-    tasks = _tasks(args, parser)
     with folder.lock():
         if tasks is None:
             saved = folder.read()
@@ -200,7 +213,35 @@ def run_main(args, parser) -> int:
         return _report(folder)
 
 
-COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_flags, run_main)}
+def add_collect_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("out", metavar="DIR", help="The sweep folder (the --out of `run`).")
+    parser.add_argument("--selection", choices=[s for s in SELECTIONS if not SELECTIONS[s].reads_test],
+                        default="training_domain",
+                        help="The rule, fixed in advance, that chooses each method's setting where a task searches "
+                             "hyper-parameters; the oracle's choice (by the test metric) is always shown apart.")
+    parser.add_argument("--quiet", action="store_true", help="Print nothing but warnings and errors.")
+
+
+def write_leaderboard(out, selection: str, quiet: bool):
+    """Write DIR/leaderboard.md, .csv and .png of the sweep folder `out`; print the Markdown unless `quiet`."""
+    from gen_mask.sweep import leaderboard_files
+    from gen_mask.sweep.collect import collect
+
+    text = leaderboard_files.write(out, collect(out, selection), selection)
+    if not quiet:
+        print(text)
+
+
+def collect_main(args, parser) -> int:
+    if not SweepFolder(args.out).exists():
+        parser.error(f"{args.out} holds no sweep (no sweep.json): give the --out of `python -m gen_mask.sweep run`")
+    write_leaderboard(args.out, args.selection, args.quiet)
+    return 0
+
+
+COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_flags, run_main),
+            "collect": ("Tabulate a sweep folder: DIR/leaderboard.md, leaderboard.csv and leaderboard.png.",
+                        add_collect_flags, collect_main)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,8 +120,11 @@ class Child:
         return returncode
 
 
-def start(job: Job, threads: int, ignore_signals=(), extra_env=None) -> Child:
-    """Start `job` in its own session, output appended to its log; `ignore_signals` are ignored by the child."""
+def start(job: Job, threads: int, ignore_signals=()) -> Child:
+    """Start `job` in its own session, output appended to its log; `ignore_signals` are ignored by the child.
+
+    The child gets this process's environment, the job's own variables (`Job.env`) and the thread budget.
+    """
     job.log.parent.mkdir(parents=True, exist_ok=True)
     status_before = _status_file(job.run_dir)
     with open(job.log, "a") as log:
@@ -133,6 +136,7 @@ def start(job: Job, threads: int, ignore_signals=(), extra_env=None) -> Child:
                 signal.signal(number, signal.SIG_IGN)
 
         process = subprocess.Popen(job.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=thread_env(threads, extra_env), start_new_session=True,
+                                   env=thread_env(threads, dict(job.env)),
+                                   start_new_session=True,
                                    preexec_fn=child_setup if ignore_signals else None)
     return Child(job, process, status_before)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from and_mask.core.errors import RunError
 from gen_mask.sweep.spec import Run
 
 OUTPUT_FLAGS = ("output_dir", "out")
+# Environment variables a job carries from the launch to wherever it runs (a SLURM node may not
+# get the launcher's environment): the plugin modules that register a user's methods.
+CARRIED_VARIABLES = ("GEN_MASK_PLUGINS",)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Job:
     run_dir: Path
     log: Path
     resume: bool = False
+    env: tuple = ()  # (name, value) pairs set in the run's environment (`carried_env`)
 
     @property
     def command(self) -> list[str]:
@@ -49,6 +54,11 @@ class Job:
 
     def resumed(self) -> "Job":
         return dataclasses.replace(self, resume=True)
+
+
+def carried_env() -> tuple:
+    """The CARRIED_VARIABLES set in this process, as a Job's `env`."""
+    return tuple((name, os.environ[name]) for name in CARRIED_VARIABLES if name in os.environ)
 
 
 def interface(module: str) -> Interface:

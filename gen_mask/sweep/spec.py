@@ -17,6 +17,16 @@ extends (a task's entries replace top-level ones of the same name).
     seed = 0                         # optional: another seed gives other draws
     lr = { log_uniform = [1e-4, 1e-2] }
 
+How `collect` reports a task (keys of the task or, as defaults, of the top level; every one is
+optional and none changes a run):
+
+    metric = "test_acc"              # the headline number (default: the module's, see gen_mask.sweep.collect)
+    higher_is_better = true
+    validation = "val_acc"           # what training-domain selection compares; "" for none
+    search = ["lr"]                  # hyper-parameters selected per method (default: the [random] flags)
+    [not_run]                        # methods shown as n/a with the reason, never run
+    dann = "every example is its own environment here"
+
 Distributions: `log_uniform = [low, high]` and `uniform = [low, high]` (floats, rounded to six
 significant digits so commands stay readable), `int_uniform = [low, high]` (integers, both ends
 included), `choice = [a, b, ...]`.
@@ -44,8 +54,9 @@ from pathlib import Path
 from and_mask.core.errors import RunError
 
 DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
-TASK_KEYS = {"name", "module", "seeds", "flags", "grid", "random"}
-SHARED_KEYS = {"module", "seeds", "flags", "grid", "random"}
+REPORT_KEYS = {"metric": str, "higher_is_better": bool, "validation": str, "search": list, "not_run": dict}
+SHARED_KEYS = {"module", "seeds", "flags", "grid", "random", *REPORT_KEYS}
+TASK_KEYS = {"name", *SHARED_KEYS}
 # Flags set by the launcher or that do not change a run's numbers; with the path flags, not hashed.
 NOT_HASHED = {"output_dir", "out", "resume", "overwrite", "quiet"}
 PATH_SUFFIXES = ("_dir", "_path", "_root")
@@ -64,10 +75,11 @@ class Task:
     flags: dict = field(default_factory=dict)
     grid: dict = field(default_factory=dict)
     random: dict = field(default_factory=dict)  # {"n": draws, "seed": s, flag: {kind: args}}
+    report: dict = field(default_factory=dict)  # the REPORT_KEYS given: how collect reports the task
 
     def to_json(self) -> dict:
         return {"name": self.name, "module": self.module, "seeds": self.seeds, "flags": self.flags,
-                "grid": self.grid, "random": self.random}
+                "grid": self.grid, "random": self.random, "report": self.report}
 
 
 @dataclass
@@ -225,7 +237,24 @@ def _task(where: str, table: dict, defaults: dict) -> Task:
         if both:
             _fail(where, f"{', '.join(sorted(both))} is both in [{a}] and [{b}]")
     random_table = {"n": draws, "seed": random_seed, **search} if search else {}
-    return Task(name=name, module=module, seeds=seeds, flags=flags, grid=grid, random=random_table)
+    report = _report(where, {key: table.get(key, defaults.get(key)) for key in REPORT_KEYS}, grid, search)
+    return Task(name=name, module=module, seeds=seeds, flags=flags, grid=grid, random=random_table, report=report)
+
+
+def _report(where: str, given: dict, grid: dict, search: dict) -> dict:
+    """The report keys given (None: absent), checked: types, searched flags that the task varies."""
+    report = {key: value for key, value in given.items() if value is not None}
+    for key, value in report.items():
+        if not isinstance(value, REPORT_KEYS[key]):
+            _fail(where, f"`{key}` must be a {REPORT_KEYS[key].__name__}, got {value!r}")
+    if not report.get("metric", "x").strip():
+        _fail(where, "`metric` must name a number of the runs' results, e.g. test_acc")
+    unknown = [flag for flag in report.get("search", []) if flag not in grid and flag not in search]
+    if unknown:
+        _fail(where, f"search lists {', '.join(map(str, unknown))}, which neither [grid] nor [random] varies")
+    if not all(isinstance(v, str) and v.strip() for v in report.get("not_run", {}).values()):
+        _fail(where, "each entry of [not_run] must be a method's name = the reason it is not run")
+    return report
 
 
 def parse_spec(raw: dict, where: str = "sweep") -> list[Task]:
@@ -247,16 +276,20 @@ def parse_spec(raw: dict, where: str = "sweep") -> list[Task]:
     return tasks
 
 
-def load_spec(path) -> list[Task]:
-    """The tasks of the sweep file at `path`."""
+def read_spec(path) -> dict:
+    """The sweep file at `path` as a dict, not yet checked (`parse_spec` checks it)."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as error:
         raise RunError(f"cannot read the sweep file {path}: {error.strerror}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{path} is not valid TOML: {error}")
-    return parse_spec(raw, str(path))
+
+
+def load_spec(path) -> list[Task]:
+    """The tasks of the sweep file at `path`."""
+    return parse_spec(read_spec(path), str(path))
 
 
 def draw(spec: dict, random_seed: int, name: str, index: int):

@@ -132,18 +132,25 @@ def runs(tmp_path_factory):
     return tmp
 
 
+def assert_same_value(got, expected, where):
+    """Numbers equal to 1e-5 relative; anything else (strings, booleans, None) exactly."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for name in expected:
+            assert_same_value(got[name], expected[name], (*where, name))
+    elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), where
+    else:
+        assert got == expected, where
+
+
 def assert_same_records(got, expected):
     assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] and got
     for a, b in zip(got, expected):
         assert a.keys() == b.keys()
         for key in a:
-            if key == "seconds":
-                continue
-            if isinstance(a[key], dict):
-                for name in a[key]:
-                    assert a[key][name] == pytest.approx(b[key][name], rel=1e-5, abs=1e-7), (key, name)
-            else:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+            if key != "seconds":
+                assert_same_value(a[key], b[key], (key,))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -16,7 +16,7 @@ from gen_mask import run_synthetic as gen_mask_synthetic
 TINY = ["--examples_per_env", "64", "--n_test", "100", "--batch_size", "16", "--n_hidden_units", "16",
         "--n_hidden_layers", "2", "--quiet", "--use_cuda", "0"]
 AND_MASK = ["--method", "and_mask", "--agreement_threshold", "0.5", "--scale_grad_inverse_sparsity", "1"]
-# The original code's defaults (SPEC §3); --protocol original must keep every one of them.
+# The original code's defaults for run_synthetic; --protocol original must keep every one of them.
 ORIGINAL = dict(examples_per_env=1024, n_train_envs=16, n_agreement_envs=16, n_dims=8, signature_std=1.0,
                 batch_size=256, epochs=150, lr_milestones=[112], stop_train_acc_above=1.0, stop_test_acc_below=0.0)
 PAPER = dict(examples_per_env=1280, n_train_envs=32, n_agreement_envs=32, n_dims=32, signature_std=math.sqrt(0.1),

@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from and_mask.core.cli import positive_int  # noqa: E402
 from and_mask.core.errors import RunError  # noqa: E402
-from and_mask.core.files import atomic_write, atomic_write_json, atomic_write_text, locked, read_json  # noqa: E402
+from and_mask.core.files import (atomic_write, atomic_write_json, atomic_write_text, locked, make_folder,  # noqa: E402
+                                 read_json)
 
 PANEL = (4.6, 3.8)  # inches per panel; images are exactly figsize × dpi pixels (no tight cropping)
 
@@ -64,6 +65,7 @@ class FigureFolder:
         settings = {k: v for k, v in vars(args).items() if k not in OUTPUT_FLAGS}
         self.made_by = {"module": module, "settings": json.loads(json.dumps(settings, default=str))}
         self.names, self.written = list(names), []
+        make_folder(self.out, "--out")
         with locked(self.out / MANIFEST_LOCK):
             manifest = self._manifest()
             for name in self.names:

@@ -12,6 +12,7 @@ the process that continues the log cuts it off first (`drop_partial_line`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -25,6 +26,67 @@ def warn(message: str):
     print(f"warning: {message}", file=sys.stderr)
 
 
+# Causes of a failed write, in words; any other error is described by the system's own text.
+CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+          errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+          errno.EPERM: "permission denied"}
+
+
+def _regular_file_above(path: Path) -> Path | None:
+    """The nearest ancestor of `path` that exists but is not a folder (why mkdir says ENOTDIR)."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def write_error(path, error: OSError) -> RunError:
+    """A RunError whose one line names the path that cannot be written and why.
+
+    A full disk (or any failure after some files were written) leaves those files as they were:
+    every writer here is atomic or appends whole lines.
+    """
+    path = Path(path)
+    blocker = _regular_file_above(path) if error.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    if blocker is not None:
+        cause = f"{blocker} is a file, not a folder"
+    else:
+        cause = CAUSES.get(error.errno) or (error.strerror or str(error)).lower()
+    return RunError(f"cannot write {path}: {cause}")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn an OSError of the block into `write_error(path, ...)`: one line, no traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise write_error(path, error) from None
+
+
+def make_folder(path, flag: str) -> Path:
+    """Create the folder `path` given by `flag` (parents too) and check that a file can be written in it.
+
+    Called before any work, so that a path that cannot be written ends the command at once with one
+    line naming the flag, the path and the cause.
+    """
+    path = Path(path)
+    probe = path / f".write-test.{os.getpid()}.tmp"
+    try:
+        with writing(path):
+            path.mkdir(parents=True, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("x\n")
+                f.flush()
+                os.fsync(f.fileno())
+    except RunError as error:
+        raise RunError(f"{flag}: {error}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return path
+
+
 def _temporary(path: Path) -> Path:
     # Unique per process, so that two processes writing the same file never share a temporary.
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -35,10 +97,11 @@ def atomic_write(path, write):
     path = Path(path)
     tmp = _temporary(path)
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -148,8 +211,9 @@ def locked(path):
     manifest. The lock dies with its process.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -34,7 +34,7 @@ import socket
 from pathlib import Path
 
 from and_mask.core.errors import RunError
-from and_mask.core.files import atomic_write_json, read_json, remove_temporaries, warn
+from and_mask.core.files import atomic_write_json, make_folder, read_json, remove_temporaries, warn, writing
 from and_mask.core.runlog import CHECKPOINT, CONFIG, METRICS, WEIGHTS_FINAL, WEIGHTS_INIT, read_config, read_metrics
 
 LOCK = "run.lock"
@@ -209,16 +209,22 @@ class FolderLock:
         self._fd = None
 
     def __enter__(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        make_folder(self.path, self.flag)  # a path that cannot be written ends the command here, in one line
+        with writing(self.path / LOCK):
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise RunError(f"{self.path} is in use by another process ({lock_holder(self.path)}); wait for it to "
                            f"end or choose another {self.flag}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode())
+        try:
+            with writing(self.path / LOCK):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode())
+        except RunError:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 
@@ -233,7 +239,10 @@ class FolderLock:
         Called on leaving, or by a watcher thread when the process must end at once (another
         rank of a run split across processes failed)."""
         if self.started:
-            atomic_write_json(self.path / STATUS, {**outcome(error), "time": _now()})
+            # On a full disk status.json may not be written: the folder then reads as unfinished
+            # (as after a kill), which is what it is, and --resume continues it once space is back.
+            with contextlib.suppress(RunError):
+                atomic_write_json(self.path / STATUS, {**outcome(error), "time": _now()})
 
     def __exit__(self, kind, error, traceback):
         try:

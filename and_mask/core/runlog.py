@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from and_mask.core.errors import RunError
-from and_mask.core.files import atomic_write, atomic_write_text, load_torch, read_json, read_jsonl
+from and_mask.core.files import atomic_write, atomic_write_text, load_torch, read_json, read_jsonl, writing
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -119,7 +119,7 @@ class RunLog:
         return read_metrics(self.dir)
 
     def log(self, record: dict):
-        with open(self.dir / METRICS, "a") as f:
+        with writing(self.dir / METRICS), open(self.dir / METRICS, "a") as f:
             f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())

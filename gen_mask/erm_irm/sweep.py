@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from and_mask.core.errors import RunError
-from and_mask.core.files import atomic_write_text, drop_partial_line, read_json, read_jsonl, warn
+from and_mask.core.files import atomic_write_text, drop_partial_line, read_json, read_jsonl, warn, writing
 from gen_mask.erm_irm import colored, sem
 from gen_mask.erm_irm.fit import FitConfig, fit
 
@@ -91,7 +91,7 @@ def _check_settings(out: Path, settings: dict):
 
 
 def _append(out: Path, records: list[dict]):
-    with open(out / RESULTS, "a") as f:
+    with writing(out / RESULTS), open(out / RESULTS, "a") as f:
         f.write("".join(json.dumps(record) + "\n" for record in records))
         f.flush()
         os.fsync(f.fileno())

@@ -17,7 +17,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from and_mask.core.files import atomic_write_json
+from and_mask.core.files import atomic_write_json, writing
 from gen_mask.sweep.jobs import Job
 
 # The run folder's status and lock files (and_mask.core.runfolder's STATUS and LOCK), named here
@@ -125,11 +125,14 @@ def start(job: Job, threads: int, ignore_signals=()) -> Child:
 
     The child gets this process's environment, the job's own variables (`Job.env`) and the thread budget.
     """
-    job.log.parent.mkdir(parents=True, exist_ok=True)
     status_before = _status_file(job.run_dir)
-    with open(job.log, "a") as log:
-        log.write(f"# {now()} {'resume' if job.resume else 'start'}: {shlex.join(job.command)}\n")
-        log.flush()
+    with writing(job.log):
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        log = open(job.log, "a")
+    with log:
+        with writing(job.log):
+            log.write(f"# {now()} {'resume' if job.resume else 'start'}: {shlex.join(job.command)}\n")
+            log.flush()
 
         def child_setup():  # ignored dispositions survive exec
             for number in ignore_signals:

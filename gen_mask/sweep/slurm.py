@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from and_mask.core.cli import positive_float, positive_int
 from and_mask.core.errors import RunError
-from and_mask.core.files import read_jsonl
+from and_mask.core.files import read_jsonl, writing
 from gen_mask.sweep.execute import now
 from gen_mask.sweep.folder import SweepFolder, run_state
 from gen_mask.sweep.slurm_job import RunCommand
@@ -129,7 +129,7 @@ def _submit(jobs, args, folder: SweepFolder) -> dict[str, str]:
         lines = str(error).strip().splitlines()
         raise RunError(f"sbatch refused the job array: {lines[-1] if lines else error}")
     ids = {job.run_id: submitted_job.job_id for job, submitted_job in zip(jobs, submitted_jobs)}
-    with open(folder.slurm_dir / SUBMISSIONS, "a") as f:
+    with writing(folder.slurm_dir / SUBMISSIONS), open(folder.slurm_dir / SUBMISSIONS, "a") as f:
         f.write(json.dumps({"time": now(), "jobs": ids}) + "\n")
     return ids
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from and_mask.core.cli import entry_parser
 from and_mask.core.errors import RunError
+from and_mask.core.files import make_folder, writing
 
 DAEMONS = ("slurmd", "slurmctld", "munged")
 NODE = "localhost"
@@ -106,17 +107,19 @@ def start(folder) -> dict:
         raise RunError(reason)
     folder = Path(folder).resolve()
     for sub in ("state", "spool"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        make_folder(folder / sub, "DIR")
     key = folder / "munge.key"
     if not key.exists():
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
+        with writing(key):
+            key.write_bytes(os.urandom(1024))
+            key.chmod(0o400)
     # --force: munged refuses a socket folder that others cannot enter (a temporary folder is 0700).
     _run(["munged", "--force", f"--socket={folder / 'munge.socket'}", f"--key-file={key}",
           f"--pid-file={folder / 'munged.pid'}", f"--log-file={folder / 'munged.log'}",
           f"--seed-file={folder / 'munged.seed'}"])
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf(folder, *_free_ports(2)))
+    with writing(conf):
+        conf.write_text(slurm_conf(folder, *_free_ports(2)))
     env = {"SLURM_CONF": str(conf)}
     full = dict(os.environ, **env)
     _run(["slurmctld", "-f", str(conf)], full)

@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from and_mask.core.collect import SELECTIONS, Group, Metric, select
+from and_mask.core.collect import SELECTIONS, Group, Metric, difference, select
 from and_mask.core.runfolder import FolderLock
 from gen_mask.run_synthetic import build_parser
 from gen_mask.sweep import main
@@ -187,3 +187,56 @@ def test_a_flag_that_older_runs_lack_counts_as_its_default(sweep, capsys):
     config.write_text(json.dumps(edited))
     assert collect(path) == expected
     assert "differ in" not in capsys.readouterr().err
+
+
+def keyed(values, seeds=None):
+    return list(zip(seeds if seeds is not None else range(len(values)), values))
+
+
+def test_difference_of_identical_rows_is_not_distinguishable():
+    values = [0.5, 0.52, 0.49, 0.51, 0.5]
+    found = difference(keyed(values), keyed(values), higher_is_better=True)
+    assert found.paired and found.mean == 0 and found.verdict == "not distinguishable"
+
+
+def test_a_shift_of_ten_standard_deviations_is_better_and_its_mirror_worse():
+    rng = random.Random(0)
+    base = [rng.gauss(0.5, 0.01) for _ in range(3)]
+    shifted = [b + 0.1 + rng.gauss(0, 0.01) for b in base]  # +10 σ, paired by seed
+    assert difference(keyed(shifted), keyed(base), higher_is_better=True).verdict == "better"
+    assert difference(keyed(shifted), keyed(base), higher_is_better=False).verdict == "worse"
+    assert difference(keyed(base), keyed(shifted), higher_is_better=True).verdict == "worse"
+
+
+def test_the_paired_interval_is_the_student_t_interval_of_the_differences():
+    from scipy import stats
+
+    x, r = [0.9, 0.7, 0.8, 0.95], [0.5, 0.45, 0.6, 0.5]
+    d = [a - b for a, b in zip(x, r)]
+    expected = stats.ttest_rel(x, r).confidence_interval(0.95)
+    found = difference(keyed(x), keyed(r), higher_is_better=True)
+    assert found.paired and found.n == 4
+    assert (found.low, found.high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+    assert found.mean == pytest.approx(statistics.fmean(d))
+
+
+def test_rows_of_other_seeds_get_welchs_interval():
+    from scipy import stats
+
+    x, r = [0.9, 0.7, 0.8], [0.5, 0.45, 0.6, 0.5]
+    expected = stats.ttest_ind(x, r, equal_var=False).confidence_interval(0.95)
+    found = difference(keyed(x, [0, 1, 2]), keyed(r, [0, 1, 2, 3]), higher_is_better=True)
+    assert not found.paired
+    assert (found.low, found.high) == pytest.approx((expected.low, expected.high), rel=1e-9)
+
+
+def test_one_seed_is_too_few_and_an_empty_row_has_no_difference():
+    assert difference(keyed([0.9]), keyed([0.5]), higher_is_better=True).verdict == "too few seeds"
+    assert difference([], keyed([0.5, 0.6]), higher_is_better=True) is None
+
+
+def test_noise_without_a_shift_is_mostly_not_distinguishable():
+    rng = random.Random(1)
+    verdicts = [difference(keyed([rng.gauss(0, 1) for _ in range(5)]), keyed([rng.gauss(0, 1) for _ in range(5)]),
+                           higher_is_better=True).verdict for _ in range(400)]
+    assert 0.9 < verdicts.count("not distinguishable") / len(verdicts) < 0.99  # a 95 % interval

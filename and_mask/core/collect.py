@@ -10,6 +10,11 @@ Every table of results is a view of this module: `and_mask.summarize` (run folde
   changes the numbers except the seed (`runfolder.number_flags`, the one definition), its
   samples come from its finished runs, and it counts its runs by outcome (`OUTCOMES`) and keeps
   the error line of each failed one.
+- **Difference to the reference.** Each row's headline metric against the reference method's
+  (averaging: `mean`, or ERM): the mean difference over seeds with a 95 % Student-t interval,
+  paired by seed where both rows ran the same seeds (same seed, same data draws), Welch's
+  unpaired interval otherwise, and a verdict: better, worse, or not distinguishable at this
+  number of seeds (`difference`).
 - **Selection.** Where a task searches hyper-parameters, the rows of one method that differ only
   in the searched flags are candidates, and a rule fixed in advance picks one. A rule names the
   ONE number it compares (`Selection.reads`); `select` hands it the candidates' values of that
@@ -25,6 +30,8 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
+
+from scipy import stats as scipy_stats
 
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
@@ -84,12 +91,23 @@ class Group:
     method: str
     flags: dict  # the flags that change the numbers, seed and method aside
     samples: list = field(default_factory=list)  # {name: number} of each finished run (or trial)
+    pairing: list = field(default_factory=list)  # per sample, the seed whose data draws it shares (None: unknown)
     counts: Counter = field(default_factory=Counter)  # runs by outcome (OUTCOMES)
     errors: list = field(default_factory=list)  # the error line of each failed run
     seconds_unit: str = "epoch"  # what the "seconds" of a sample measure: one epoch, one fit
 
     def stat(self, name: str) -> Stat | None:
         return stat(s[name] for s in self.samples if name in s)
+
+    def add(self, values: dict, pairing=None):
+        """One sample and the key (seed) that pairs it with another row's sample of the same data draws."""
+        self.samples.append(values)
+        self.pairing.append(pairing)
+
+    def keyed(self, name: str) -> list[tuple[object, float]]:
+        """(pairing key, value of `name`) of the samples that have the value."""
+        keys = self.pairing + [None] * (len(self.samples) - len(self.pairing))
+        return [(key, float(sample[name])) for key, sample in zip(keys, self.samples) if name in sample]
 
     def count(self, state: str, error: str | None = None, label: str = ""):
         """Count one run in `state` (runfolder.run_state); a failed run's error line is kept."""
@@ -100,6 +118,76 @@ class Group:
 
     def counts_text(self) -> str:
         return " / ".join(str(self.counts[o]) for o in OUTCOMES)
+
+
+REFERENCE_METHODS = ("mean", "erm")  # averaging the environments' gradients, or ERM: what every row is compared to
+CONFIDENCE = 0.95
+VERDICTS = ("better", "worse", "not distinguishable")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A row's metric minus the reference row's, over seeds, with a CONFIDENCE interval and a verdict."""
+
+    mean: float
+    low: float
+    high: float
+    n: int  # pairs (paired) or the smaller of the two sample counts (unpaired)
+    paired: bool
+    verdict: str  # one of VERDICTS, or "too few seeds"
+
+    def cell(self, metric: "Metric") -> str:
+        """'+12.3 [+8.1, +16.5] better': the difference in the metric's units, its interval, the verdict."""
+        scale = 100 if metric.is_accuracy else 1
+        show = (lambda v: f"{scale * v:+.1f}") if metric.is_accuracy else (lambda v: f"{v:+.3g}")
+        if self.verdict == "too few seeds":
+            return f"{show(self.mean)} (too few seeds)"
+        return f"{show(self.mean)} [{show(self.low)}, {show(self.high)}] {self.verdict}"
+
+
+def difference(row: list[tuple[object, float]], reference: list[tuple[object, float]], higher_is_better: bool,
+               confidence: float = CONFIDENCE) -> Difference | None:
+    """`row` − `reference` over seeds: mean, Student-t interval at `confidence`, verdict.
+
+    Both are lists of (pairing key, value). Paired when both rows hold the same ≥ 2 distinct keys
+    (the same seeds: each difference d_s = x_s − r_s removes what the seed's data draw does to
+    both): mean(d) ± t_{n−1} · sd(d)/√n. Otherwise Welch's interval: mean(x) − mean(r) ±
+    t_ν · √(s_x²/n_x + s_r²/n_r), ν by Welch–Satterthwaite. The verdict is "better" or "worse"
+    (by the metric's direction) when the interval excludes 0, else "not distinguishable"; "too few
+    seeds" when either side has fewer than 2 values. None when either row has no value.
+    """
+    if not row or not reference:
+        return None
+    x, r = dict(row), dict(reference)
+    paired = (None not in x and len(x) == len(row) == len(reference) == len(r) and set(x) == set(r)
+              and len(x) >= 2)
+    if paired:
+        d = [x[k] - r[k] for k in sorted(x, key=repr)]
+        n, mean = len(d), statistics.fmean(d)
+        half = scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(d) / math.sqrt(n)
+    else:
+        xs, rs = [v for _, v in row], [v for _, v in reference]
+        n, mean = min(len(xs), len(rs)), statistics.fmean(xs) - statistics.fmean(rs)
+        if n < 2:
+            return Difference(mean, math.nan, math.nan, n, False, "too few seeds")
+        vx, vr = statistics.variance(xs) / len(xs), statistics.variance(rs) / len(rs)
+        se = math.sqrt(vx + vr)
+        dof = (vx + vr) ** 2 / (vx ** 2 / (len(xs) - 1) + vr ** 2 / (len(rs) - 1)) if se > 0 else 1
+        half = scipy_stats.t.ppf((1 + confidence) / 2, dof) * se
+    low, high = mean - half, mean + half
+    if low > 0 or high < 0:
+        verdict = "better" if (low > 0) == higher_is_better else "worse"
+    else:
+        verdict = "not distinguishable"
+    return Difference(mean, low, high, n, paired, verdict)
+
+
+def reference_row(group: "Group", references: list["Group"]) -> "Group | None":
+    """Among the reference method's rows, the one that shares the most flag values with `group`
+    (e.g. the same training size of the ERM/IRM benchmark)."""
+    if not references:
+        return None
+    return max(references, key=lambda ref: sum(group.flags.get(k) == v for k, v in ref.flags.items()))
 
 
 def training_values(records: list[dict]) -> dict:
@@ -191,7 +279,7 @@ def run_groups(runs) -> dict:
             for run in members:
                 if run.finished:
                     try:
-                        group.samples.append(finished_values(run.records))
+                        group.add(finished_values(run.records), run.flags.get("seed"))
                     except RunError as unreadable:
                         warn(f"skipping {run.path}: {unreadable}")
                         group.count("failed", str(unreadable), str(run.path))

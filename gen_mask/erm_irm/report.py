@@ -28,7 +28,7 @@ def record_groups(records: list[dict]) -> dict:
         group = groups.setdefault((r["method"], r["n_train"]), Group(r["dataset"], r["method"],
                                                                      {"n_train": r["n_train"]}, seconds_unit="fit"))
         seconds = {"seconds": r["seconds"]} if isinstance(r.get("seconds"), (int, float)) else {}
-        group.samples.append({"error": r["error"], "optimum": r["optimum"], **seconds})
+        group.add({"error": r["error"], "optimum": r["optimum"], **seconds}, r["trial"])  # trials share draws
     return groups
 
 

@@ -50,11 +50,13 @@ class TrainingReader:
         flags = {k: v for k, v in number_flags(run["flags"]).items() if k != "seed"}
         return [(str(flags.pop("method", "–")), flags)]
 
-    def samples(self, run_dir: Path, run: dict) -> list[tuple[str, dict, dict]]:
-        """(method, flags, values) of a finished run; RunError when its files cannot be read."""
+    def samples(self, run_dir: Path, run: dict) -> list[tuple[str, dict, dict, object]]:
+        """(method, flags, values, pairing key) of a finished run; RunError when its files cannot be read.
+
+        The pairing key is the seed: runs of one seed draw the same data whatever their method."""
         (method, flags), = self.rows(run)
         try:
-            return [(method, flags, finished_values(read_metrics(run_dir)))]
+            return [(method, flags, finished_values(read_metrics(run_dir)), run["seed"])]
         except RunError as unreadable:
             raise RunError(f"{run_dir}: {unreadable}") from None
 
@@ -86,14 +88,14 @@ class ErmIrmReader(TrainingReader):
         flags = {k: v for k, v in number_flags(run["flags"]).items() if k not in ("seed", "methods", "n_train")}
         return [(method, {**flags, "n_train": n}) for method in sweep.methods for n in sweep.n_train]
 
-    def samples(self, run_dir: Path, run: dict) -> list[tuple[str, dict, dict]]:
+    def samples(self, run_dir: Path, run: dict) -> list[tuple[str, dict, dict, object]]:
         from gen_mask.erm_irm.report import record_groups
         from gen_mask.erm_irm.sweep import read_results
 
         rows = dict(((method, flags["n_train"]), flags) for method, flags in self.rows(run))
         groups = record_groups(read_results(run_dir))
-        return [(method, rows[(method, n)], values) for (method, n), group in groups.items()
-                if (method, n) in rows for values in group.samples]
+        return [(method, rows[(method, n)], values, (run["seed"], trial)) for (method, n), group in groups.items()
+                if (method, n) in rows for values, trial in zip(group.samples, group.pairing)]
 
     def config_flags(self, run_dir: Path) -> dict | None:
         return None  # the benchmark's own sweep.json refuses other settings in one folder
@@ -177,8 +179,8 @@ def collect_task(folder: SweepFolder, task: dict, runs: list[dict], states: dict
         status, error = state.status, state.error
         if status == "finished":
             try:
-                for method, flags, values in read.samples(run_dir, run):
-                    group_of(method, flags, run["id"]).samples.append(values)
+                for method, flags, values, pairing in read.samples(run_dir, run):
+                    group_of(method, flags, run["id"]).add(values, pairing)
             except RunError as unreadable:
                 warn(f"task {task['name']}: {unreadable}")
                 status, error = "failed", str(unreadable)

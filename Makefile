@@ -38,7 +38,7 @@ $(VENV)/bin/python:
 # 3.11 and every platform, with markers where versions differ.
 lock: need-python
 	$(PYTHON) -m pip install -q $(UV)
-	$(PYTHON) -m uv pip compile setup.py requirements.in --all-extras --universal --python-version 3.11 \
+	$(PYTHON) -m uv pip compile -q setup.py requirements.in --all-extras --universal --python-version 3.11 \
 	  --generate-hashes --custom-compile-command "make lock" -o requirements.txt
 
 # The newest release of every dependency in a throw-away environment, the suite run there, and one

@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from and_mask.core.cli import entry_parser
+from and_mask.core.flags import entry_parser
 from and_mask.core.collect import Metric, flags_text, run_groups, stat
-from and_mask.core.runlog import CONFIG
+from and_mask.core.runfolder import CONFIG
 from and_mask.core.runsets import find_runs, load_runs, varying
 
 DENSITY = "mask density"

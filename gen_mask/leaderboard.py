@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from and_mask.core.cli import entry_parser
+from and_mask.core.flags import entry_parser
 from and_mask.core.errors import RunError
 from gen_mask.gen_mask_utils import COMBINERS
 from gen_mask.sweep import cli

@@ -1,21 +1,10 @@
 """python -m gen_mask.run_colored_mnist: Colored MNIST, any combiner of the registry."""
-from and_mask.core import cli
+from and_mask.core.cli import EntryPoint
 from and_mask.experiments import colored_mnist
 from gen_mask.gen_mask_utils import METHOD_FLAGS
 
-
-def build_parser():
-    """The argparse parser of this entry point (built when called, so plugins registered before count)."""
-    return cli.build_parser(colored_mnist, METHOD_FLAGS, "gen_mask")
-
-
-def main(argv=None) -> dict:
-    """Parse the flags (`argv`, else the command line), train, return the final evaluation.
-
-    The flags are built when called, so a combiner registered before calling is a valid --method.
-    """
-    return cli.main(colored_mnist, METHOD_FLAGS, "gen_mask", argv)
-
+ENTRY = EntryPoint(colored_mnist, METHOD_FLAGS, "gen_mask")
+build_parser, main = ENTRY.build_parser, ENTRY.main
 
 if __name__ == "__main__":
     main()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from and_mask.core.cli import (entry_parser, non_negative_float, positive_float, positive_int, positive_list,
-                               proper_fraction, seed_int)
+from and_mask.core.flags import (entry_parser, non_negative_float, positive_float, positive_int, positive_list,
+                                 proper_fraction, seed_int)
 from and_mask.core.distributed import launched_ranks
 from and_mask.core.errors import RunError
 from and_mask.core.runfolder import FolderLock, holds_run, outcome, terminate_as_interrupt

@@ -13,7 +13,7 @@ import torch
 
 from and_mask.core import cli
 from and_mask.and_mask_utils import METHOD_FLAGS
-from and_mask.core.runlog import read_metrics
+from and_mask.core.runfolder import read_metrics
 from and_mask.experiments import synthetic
 
 MODULE = "and_mask.run_synthetic"

@@ -4,7 +4,7 @@ import torch
 
 from and_mask.and_mask_utils import METHOD_FLAGS as AND_MASK_FLAGS
 from and_mask.core import cli
-from and_mask.core.runlog import read_config, read_metrics
+from and_mask.core.runfolder import read_config, read_metrics
 from and_mask.core.training import Trainer
 from and_mask.experiments import cifar
 from cifar_files import write_cifar10_files

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from and_mask.core.distributed import World, shard_loader
 from and_mask.core.env_split import EnvSplit
 from and_mask.core.per_env_grads import per_env_grads
-from and_mask.core.runfolder import differing_number_flags, is_running, number_flags, read_status
-from and_mask.core.runlog import read_config, read_metrics
+from and_mask.core.runfolder import (differing_number_flags, is_running, number_flags, read_config, read_metrics,
+                                     read_status)
 from and_mask.datasets.cifar import NormalisedImages, fashion_mnist_as_rgb32
 from gen_mask import run_synthetic
-from gen_mask.gen_mask_utils import COMBINERS, OBJECTIVES
+from gen_mask.gen_mask_utils import COMBINERS
 from distributed_tasks import (LAYOUTS, PLUGIN, fastresnet_problem, methods_of, one_step, plugin_registered,
                                small_problem, vmap_batchnorm_step)
 from interrupted_runs import interrupt

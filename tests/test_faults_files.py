@@ -87,7 +87,7 @@ def test_a_half_written_last_metrics_line_is_ignored_then_cut_off_by_resume(tmp_
 
 
 def test_reading_a_half_written_line_warns_once_naming_the_file(tmp_path, finished, capsys):
-    from and_mask.core.runlog import read_metrics
+    from and_mask.core.runfolder import read_metrics
 
     folder = copy_run(finished[0], tmp_path / "run")
     cut_last_line(folder / "metrics.jsonl")
@@ -165,7 +165,7 @@ def test_a_run_on_a_damaged_data_file_exits_with_one_line(tmp_path):
             "--weight_decay", "0", "--random_labels_fraction", "0", "--num_workers", "0", "--method", "and_mask",
             "--agreement_threshold", "1", "--scale_grad_inverse_sparsity", "1", "--quiet"])
     assert one_line(end.value.code) and "train-labels-idx1-ubyte is damaged" in end.value.code
-    assert run_state(tmp_path / "run") == "empty" and not (tmp_path / "run" / "config.json").exists()
+    assert run_state(tmp_path / "run").status == "failed" and not (tmp_path / "run" / "config.json").exists()
 
 
 CIFAR_DAMAGES = [

@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from and_mask import summarize
-from and_mask.core.runfolder import (STATUS, differing_number_flags, is_running, number_flags, read_status,
-                                     run_state)
-from and_mask.core.runlog import CHECKPOINT, CONFIG, read_config, read_metrics
+from and_mask.core.runfolder import (CHECKPOINT, CONFIG, STATUS, differing_number_flags, is_running, number_flags,
+                                     read_config, read_metrics, read_status, run_state)
 from tests import fault_runner as fr
 from tests.faults import (EPOCHS, MODULE, argv, one_line, records, same_weights, snapshot, train, weights)
 
@@ -62,9 +61,9 @@ def test_killed_at_any_write_keeps_what_finished_and_resumes_to_the_same_numbers
     assert code == -signal.SIGKILL
     assert not is_running(folder)  # the lock died with the process
     if kill == ("status", 1.0):  # killed once all was written
-        assert run_state(folder) == "finished"
+        assert run_state(folder).status == "finished"
     else:
-        assert not (folder / STATUS).exists() and run_state(folder) in ("unfinished", "empty")
+        assert not (folder / STATUS).exists() and run_state(folder).status in ("unfinished", "empty")
     expected = records(reference)
     before = records(folder)
     assert before == expected[:len(before)]  # nothing mixed: a prefix of the uninterrupted run
@@ -105,7 +104,7 @@ def test_a_second_process_is_refused_at_once_while_the_first_runs(tmp_path, refe
     first = fr.start(MODULE, argv(folder), EVENTS["metrics_2"], hold_in=folder)
     try:
         fr.wait_for(folder / "held")
-        assert is_running(folder) and run_state(folder) == "running"
+        assert is_running(folder) and run_state(folder).status == "running"
         before = snapshot(folder)
         for extra in ([], ["--resume"], ["--overwrite"]):
             started = time.time()

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from and_mask.core import cli
-from and_mask.core.cli import MAX_SEED
+from and_mask.core import cli, flags
+from and_mask.core.flags import MAX_SEED
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags
 from and_mask.core.errors import RunError
 from gen_mask import run_erm_irm
@@ -57,7 +57,7 @@ def parse_error(parser, argv, capsys) -> str:
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_descriptions_and_helps_are_whole_sentences(module):
     parser = parser_of(module)
-    assert parser.formatter_class is cli.HelpFormatter
+    assert parser.formatter_class is flags.HelpFormatter
     assert parser.description and parser.description[-1] in ".?!" and "\n" not in parser.description
     for action in parser._actions:
         assert action.help and action.help[-1] in ".?!", f"{action.dest}: {action.help!r}"
@@ -262,10 +262,10 @@ def test_a_plugin_s_float_flag_refuses_non_finite_values_when_parsed(capsys):
         """Scaled mean: alpha · mean_e g_e."""
         return alpha * grads.mean(dim=0), {}
 
-    parser = cli.entry_parser("plugin", "A parser with a plugin's flags.")
-    flags = MethodFlags(registry)
-    flags.add_flags(parser)
+    parser = flags.entry_parser("plugin", "A parser with a plugin's flags.")
+    method_flags = MethodFlags(registry)
+    method_flags.add_flags(parser)
     for bad in NON_FINITE:
         assert "--alpha" in parse_error(parser, ["--method", "scaled", f"--alpha={bad}"], capsys)
     args = parser.parse_args(["--method", "scaled", "--alpha", "-2.5"])
-    assert flags.resolve(args, parser)[1] == {"alpha": -2.5}
+    assert method_flags.resolve(args, parser)[1] == {"alpha": -2.5}

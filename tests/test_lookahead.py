@@ -15,7 +15,7 @@ from gen_mask.gen_mask_utils import COMBINERS
 from gen_mask.lookahead import lookahead
 from test_gen_mask_combiners import random_hessians
 from test_gen_mask_run import SMALL
-from vizualization.landscapes import DTYPE, LANDSCAPES, env_grads, env_hessians, env_losses
+from vizualization.landscapes import DTYPE, LANDSCAPES, env_grads, env_hessians
 from vizualization.toy_methods import TOY_METHODS, direction
 
 LOOKAHEAD = COMBINERS["lookahead"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from and_mask.core.runlog import read_metrics
+from and_mask.core.runfolder import read_metrics
 from and_mask.paper import env_count, label_noise, memorization, runs, synthetic_results
 from cifar_files import write_cifar10_files
 

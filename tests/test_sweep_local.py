@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from and_mask.core import runfolder
-from gen_mask.sweep import execute, main
-from gen_mask.sweep.folder import SweepFolder, run_state
+from gen_mask.sweep import main
+from gen_mask.sweep.folder import SweepFolder, state_of as run_state
 from gen_mask.sweep.spec import expand, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,10 +268,6 @@ grid = { methods = ["erm"] }
 def test_committed_sweep_files_pass_their_modules_flag_checks(example, tmp_path, capsys):
     assert sweep(example, "--out", tmp_path / "sweep", "--launcher", "dry") == 0
     assert len(capsys.readouterr().out.splitlines()) == len(expand(load_spec(example))) > 1
-
-
-def test_the_launcher_writes_the_run_folder_s_own_status_file():
-    assert (execute.STATUS, execute.LOCK) == (runfolder.STATUS, runfolder.LOCK)
 
 
 def test_a_slurm_job_imports_no_torch():

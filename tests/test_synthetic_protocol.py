@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from and_mask import run_synthetic as and_mask_synthetic
-from and_mask.core.runlog import read_config, read_metrics
+from and_mask.core.runfolder import read_config, read_metrics
 from and_mask.experiments import synthetic
 from gen_mask import run_synthetic as gen_mask_synthetic
 

@@ -19,7 +19,7 @@ import warnings
 import pytest
 
 from and_mask.core import files, runlog
-from and_mask.core.runlog import read_metrics
+from and_mask.core.runfolder import read_metrics
 from tests.entry_points import ENTRY_POINTS, parser_of, required_argv
 
 TINY_SYNTHETIC = ["--method", "and_mask", "--agreement_threshold", "1", "--scale_grad_inverse_sparsity", "1",

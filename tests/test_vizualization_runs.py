@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from and_mask.and_mask_utils import METHOD_FLAGS
-from and_mask.core.cli import main as train, rebuild
-from and_mask.core.runlog import read_metrics
+from and_mask.core.cli import main as train
+from and_mask.experiments.saved import rebuild
+from and_mask.core.runfolder import read_metrics
 from and_mask.core.training import evaluate
 from and_mask.experiments import synthetic
 from vizualization import loss_landscape, plot_runs

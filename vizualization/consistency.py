@@ -2,7 +2,7 @@
 
 python -m vizualization.consistency --run runs/geom_s0 --eps 0.1 --out figures/
 
-The run is rebuilt from its config.json with its final weights (`and_mask.core.cli.rebuild`),
+The run is rebuilt from its config.json with its final weights (`and_mask.experiments.saved.rebuild`),
 never retrained. For every ordered pair (e, e′) of training environments, paths start at the
 trained weights θ* and climb |L_e′(θ) − L_e(θ*)| while every evaluated point keeps
 |L_e(θ) − L_e(θ*)| ≤ ε, consecutive points at most --step_length apart
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from and_mask.core.cli import entry_parser, positive_float, rebuild, seed_int
+from and_mask.experiments.saved import rebuild
+from and_mask.core.flags import entry_parser, positive_float, seed_int
 from and_mask.core.consistency import (LOWER_BOUND_NOTE, add_search_flags, env_data, estimate_inconsistency,
                                        settings_from_args)
 from and_mask.core.errors import RunError

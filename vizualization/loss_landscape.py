@@ -2,7 +2,7 @@
 
 python -m vizualization.loss_landscape --run runs/geom_s0 --out figures/
 
-The run is rebuilt from its config.json (`and_mask.core.cli.rebuild`) and evaluated, never
+The run is rebuilt from its config.json (`and_mask.experiments.saved.rebuild`) and evaluated, never
 retrained, on up to --examples_per_env examples of each training environment (the setup's
 env_loaders), in eval mode, with the loop's own `evaluate`.
 
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from and_mask.core.cli import entry_parser, finite_float, positive_float, positive_int, rebuild, seed_int
+from and_mask.experiments.saved import rebuild
+from and_mask.core.flags import entry_parser, finite_float, positive_float, positive_int, seed_int
 from and_mask.core.errors import RunError
 from and_mask.core.runfolder import is_running
 from and_mask.core.runlog import load_weights

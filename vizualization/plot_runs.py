@@ -23,10 +23,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from and_mask.core.cli import entry_parser
+from and_mask.core.flags import entry_parser
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
-from and_mask.core.runlog import CONFIG
+from and_mask.core.runfolder import CONFIG
 from and_mask.core.runsets import Run, find_runs, key_flags, load_runs, sections, varying
 from gen_mask.gen_mask_utils import COMBINERS
 from vizualization.plotting import add_output_flags, claim_figures, figure, plt, run_cli, save

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from and_mask.core.cli import positive_int  # noqa: E402
+from and_mask.core.flags import positive_int  # noqa: E402
 from and_mask.core.errors import RunError  # noqa: E402
 from and_mask.core.files import (atomic_write, atomic_write_json, atomic_write_text, locked, make_folder,  # noqa: E402
                                  read_json)

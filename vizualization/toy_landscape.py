@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from matplotlib.colors import TwoSlopeNorm
 
-from and_mask.core.cli import (entry_parser, finite_float, non_negative_float, positive_float, positive_int,
-                               probability, seed_int)
+from and_mask.core.flags import (entry_parser, finite_float, non_negative_float, positive_float, positive_int,
+                                 probability, seed_int)
 from and_mask.core.combiners import MethodFlags
 from vizualization.dynamics import (KINDS, basin_fractions, basin_runs, find_minima, hessian_eigenvalues,
                                     method_dynamics, reached_minimum)
@@ -210,7 +210,7 @@ def plot_consistency(args, landscape, method, hparams, minima, ends):
             # The point of env e's region farthest in loss from L_e(θ*), over every e′.
             ax.plot(*result.pair_points[e, result.pair_values[e].argmax()], "o", color=colour,
                     markeredgecolor="black", markersize=6 if e != result.pair[0] else 10,
-                    label=f"its maximising θ (largest: $I^ε$)" if e == 0 else None)
+                    label="its maximising θ (largest: $I^ε$)" if e == 0 else None)
         _mark_minima(ax, [m])
         e, other = result.pair
         ax.set(title=f"{m.kind} ({m.point[0]:.2f}, {m.point[1]:.2f}): $I^ε$ = {result.value:.3g}\n"

@@ -1,180 +1,33 @@
 """Command-line plumbing shared by every `run_*` module of both packages.
 
-An experiment module provides NAME, `add_flags(parser, package)`, `check(args, parser)` and
-`build(args, device) -> TrainSetup`, and `check_objective(args, objective) -> error or None` if
-training objectives (IRM, V-REx, DANN) apply to it; a package provides the MethodFlags that pick
-the method (a combiner or an objective).
-`main` parses, validates (argparse errors, never tracebacks), seeds, trains and reports.
+An experiment module satisfies `and_mask.core.experiment.Experiment`; a package provides the
+MethodFlags that pick the method (a combiner or an objective). An entry module is one
+`EntryPoint` of the two. `main` parses, validates (argparse errors, never tracebacks), seeds,
+trains and reports.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from and_mask.core import consistency, distributed
+from and_mask.core.combiners import MethodFlags
 from and_mask.core.env_split import DIST_BN, EnvSplit
+from and_mask.core.experiment import Experiment
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runfolder import RunFolder, outcome, terminate_as_interrupt
-from and_mask.core.runlog import RunLog, default_output_dir, describe, load_weights, read_config
+from and_mask.core.runlog import RunLog, default_output_dir, describe
 from and_mask.core.errors import RunError
+from and_mask.core.flags import (entry_parser, non_negative_int, parser_defaults, positive_float, positive_int,
+                                 seed_int, use_cuda_flag)
 from and_mask.core.training import Trainer, format_record
-
-# numpy's RandomState takes seeds in [0, 2**32 - 1], the narrowest range of the generators seeded
-# (torch takes [-2**63, 2**64 - 1], Python's random any integer).
-MAX_SEED = 2 ** 32 - 1
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """--help that appends each flag's real default, "Default: X.", X written as it is typed.
-
-    Nothing is appended for a required flag, a switch (store_true: absent means off, which its
-    help describes) or a flag whose default is None: such a help says in words what happens
-    without the flag. Help texts therefore never state a default themselves.
-    """
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (not action.option_strings or action.required or action.nargs == 0 or action.default is None
-                or action.default == argparse.SUPPRESS):
-            return text
-        return f"{text} Default: {as_typed(action).replace('%', '%%')}.".lstrip()  # argparse %-formats help
-
-
-def as_typed(action) -> str:
-    """An action's default as it would be typed: nargs values space-separated, a list type's comma-separated."""
-    default = action.default
-    if isinstance(default, (list, tuple)):
-        return (" " if action.nargs not in (None, "?") else ",").join(map(str, default))
-    return str(default)
-
-
-def first_paragraph(doc: str) -> str:
-    """The first paragraph of a docstring as one line: a parser's description, never cut mid-sentence."""
-    return " ".join((doc or "").strip().split("\n\n")[0].split())
-
-
-def entry_parser(module: str, doc: str) -> argparse.ArgumentParser:
-    """The parser of the entry point `python -m module`, described by the first paragraph of `doc`."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=first_paragraph(doc),
-                                     formatter_class=HelpFormatter, add_help=False)
-    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
-    return parser
-
-
-def finite_float(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def seed_int(text):
-    """A seed that numpy, torch and Python all accept: an integer in [0, MAX_SEED]."""
-    value = int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32 - 1] (numpy's seed range), got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text}")
-    return value
-
-
-def probability(text):
-    """A number in [0, 1): a dropout probability, a momentum."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
-
-
-def proper_fraction(text):
-    """A share strictly between 0 and 1, e.g. of examples held out."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
-
-
-def positive_list(cast, what):
-    """argparse type: comma-separated values of the typed parser `cast`, sorted, without repeats (a tuple)."""
-    def parse(text):
-        try:
-            values = [cast(v) for v in text.split(",") if v]
-        except (ValueError, argparse.ArgumentTypeError):
-            values = []
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text}")
-        return tuple(sorted(set(values)))
-    return parse
-
-
-def add_lr_milestones_flag(group, none_means: str):
-    """--lr_milestones: epochs after which the learning rate is multiplied by 0.1; `none_means` says what None does."""
-    group.add_argument("--lr_milestones", type=positive_list(positive_int, "positive epochs"), default=None,
-                       help="Comma-separated epochs after which the learning rate is multiplied by 0.1, each below "
-                            f"--epochs. Default: {none_means}")
-
-
-def check_lr_milestones(parser, args):
-    """Refuse a milestone at or after the last epoch (it would never apply); store them as a list,
-    so that config.json holds a JSON list that compares equal on --resume."""
-    if args.lr_milestones is None:
-        return
-    late = [m for m in args.lr_milestones if m >= args.epochs]
-    if late:
-        parser.error(f"--lr_milestones {','.join(map(str, late))} must be below --epochs ({args.epochs})")
-    args.lr_milestones = list(args.lr_milestones)
-
-
-def use_cuda_flag(text):
-    if text not in ("0", "1", "auto"):
-        raise argparse.ArgumentTypeError(f"must be 0, 1 or auto, got {text}")
-    return text
-
-
-def parser_defaults(parser: argparse.ArgumentParser) -> dict:
-    """{flag: default} of every flag of `parser`."""
-    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
-
 
 def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_required: bool):
     """The flags of every training run; an experiment may change their `defaults` and require --output_dir."""
@@ -242,26 +95,22 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def build_parser(experiment, method_flags, package: str) -> argparse.ArgumentParser:
+def build_parser(experiment: Experiment, method_flags: MethodFlags, package: str) -> argparse.ArgumentParser:
     parser = entry_parser(f"{package}.run_{experiment.NAME}", experiment.__doc__)
     experiment.add_flags(parser, package)
     method_flags.add_flags(parser)
     # An experiment may change the default of a run flag (e.g. Colored MNIST: --use_cuda 0).
-    add_run_flags(parser, getattr(experiment, "RUN_FLAG_DEFAULTS", {}),
-                  output_dir_required=getattr(experiment, "OUTPUT_DIR_REQUIRED", False))
+    add_run_flags(parser, experiment.RUN_FLAG_DEFAULTS, output_dir_required=experiment.OUTPUT_DIR_REQUIRED)
     return parser
 
 
-def main(experiment, method_flags, package: str, argv=None) -> dict:
+def main(experiment: Experiment, method_flags: MethodFlags, package: str, argv=None) -> dict:
     parser = build_parser(experiment, method_flags, package)
     args = parser.parse_args(argv)
     method, hparams = method_flags.resolve(args, parser)
     experiment.check(args, parser)
     if isinstance(method, Objective):
-        check = getattr(experiment, "check_objective", None)
-        problem = check(args, method) if check else (
-            f"--method {method.name} is a training objective over environments, which the {experiment.NAME} "
-            "experiment does not have (every example is its own environment)")
+        problem = experiment.check_objective(args, method)
         if problem:
             parser.error(problem)
     if args.resume and args.output_dir is None:
@@ -270,6 +119,27 @@ def main(experiment, method_flags, package: str, argv=None) -> dict:
         parser.error("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     device = resolve_device(parser, args.use_cuda)
     return _train(experiment, method, hparams, args, package, parser, join_world(parser, device))
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """One `python -m PACKAGE.run_EXPERIMENT` module: an experiment trained with a package's methods.
+
+    `build_parser` and `main` build the flags when called, so that a combiner registered before
+    the call (a plugin) is a valid --method.
+    """
+
+    experiment: Experiment
+    method_flags: MethodFlags
+    package: str
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        """The argparse parser of this entry point."""
+        return build_parser(self.experiment, self.method_flags, self.package)
+
+    def main(self, argv=None) -> dict:
+        """Parse the flags (`argv`, else the command line), train, return the final evaluation."""
+        return main(self.experiment, self.method_flags, self.package, argv)
 
 
 def join_world(parser, device: torch.device) -> distributed.World:
@@ -321,33 +191,3 @@ def _train(experiment, method, hparams, args, package, parser, world) -> dict:
             print(f"inconsistency: I^eps >= {final['inconsistency']:.6g} for eps = {args.consistency_eps}, "
                   f"{consistency.LOWER_BOUND_NOTE}")
     return final
-
-
-def rebuild(run_dir, device="cpu", weights="weights_final.pt"):
-    """Rebuild a saved run's TrainSetup from its config.json and load the saved `weights`.
-
-    Returns (setup, flags). Used by analysis tools (loss landscapes) that never retrain.
-    """
-    import importlib
-
-    config = read_config(run_dir)
-    try:
-        experiment = importlib.import_module(f"and_mask.experiments.{config['experiment']}")
-    except ImportError:
-        raise RunError(f"{run_dir}/config.json names an unknown experiment {config['experiment']!r}") from None
-    # Flags added after the run was made take their defaults.
-    parser = argparse.ArgumentParser()
-    experiment.add_flags(parser, config["package"])
-    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
-    args = argparse.Namespace(**{**defaults, **config["flags"]})
-    state = load_weights(run_dir, weights, map_location=device)
-    seed_everything(args.seed)
-    try:
-        setup = experiment.build(args, torch.device(device))
-        setup.model.load_state_dict(state)
-    except (AttributeError, TypeError) as error:
-        raise RunError(f"{run_dir}/config.json does not describe a run of this code ({error})") from None
-    except RuntimeError as error:
-        raise RunError(f"{run_dir}/{weights} does not fit the model of config.json "
-                       f"({str(error).strip().splitlines()[0]})") from None
-    return setup, args

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from and_mask.core.flags import finite_float
 from and_mask.core.per_env_grads import OuterProducts
 
 SCOPES = ("tensor", "model")
@@ -218,8 +219,6 @@ class MethodFlags:
         return self.objectives[name] if name in self.objectives else self.registry[name]
 
     def add_flags(self, parser: argparse.ArgumentParser):
-        from and_mask.core.cli import finite_float  # not at the top: cli imports the loop, which imports this module
-
         clashes = set(self.registry) & set(self.objectives)
         if clashes:
             raise ValueError(f"names registered both as combiner and as objective: {', '.join(sorted(clashes))}")

@@ -52,6 +52,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.data import BatchSampler, DataLoader, Subset
 
 from and_mask.core.errors import RunError
+from and_mask.core.flags import non_negative_int, positive_float, positive_int
 
 LOWER_BOUND_NOTE = ("a lower bound on I^eps up to the path's discretisation: every evaluated point of every path "
                     "satisfies |L_e - L_e(theta*)| <= eps and consecutive points are at most step_length apart; the "
@@ -78,8 +79,6 @@ class SearchSettings:
 
 def add_search_flags(parser: argparse.ArgumentParser, prefix: str = ""):
     """--{prefix}steps, --{prefix}step_length, --{prefix}metric, --{prefix}restarts, --{prefix}examples_per_env."""
-    from and_mask.core.cli import non_negative_int, positive_float, positive_int  # cli imports this module
-
     defaults = SearchSettings()
     parser.add_argument(f"--{prefix}steps", type=positive_int, default=defaults.steps,
                         help="Proposals per path of the constrained ascent (the step budget of each path).")

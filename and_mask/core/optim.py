@@ -8,7 +8,7 @@ import math
 import torch
 from torch.optim.optimizer import Optimizer
 
-from and_mask.core.cli import fraction, probability
+from and_mask.core.flags import fraction, probability
 
 WEIGHT_DECAY_ORDERS = ("before", "after")
 TEMPORAL = "temporal_and_mask_adam"

@@ -31,12 +31,17 @@ import json
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from and_mask.core.errors import RunError
-from and_mask.core.files import atomic_write_json, make_folder, read_json, remove_temporaries, warn, writing
-from and_mask.core.runlog import CHECKPOINT, CONFIG, METRICS, WEIGHTS_FINAL, WEIGHTS_INIT, read_config, read_metrics
+from and_mask.core.files import (atomic_write_json, make_folder, read_json, read_jsonl, remove_temporaries, warn,
+                                 writing)
 
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS_INIT, WEIGHTS_FINAL = "weights_init.pt", "weights_final.pt"
 LOCK = "run.lock"
 STATUS = "status.json"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, WEIGHTS_INIT, WEIGHTS_FINAL)  # any of them: the folder holds a run
@@ -97,6 +102,28 @@ def group_key(config: dict, defaults: dict | None = None) -> tuple:
     return config.get("experiment"), config.get("package"), json.dumps(flags, sort_keys=True)
 
 
+def _check_record(record: dict) -> str | None:
+    if not isinstance(record.get("epoch"), int) or record.get("phase") not in ("epoch", "final"):
+        return "not a metrics record (an integer epoch and a phase, epoch or final)"
+    return None
+
+
+def read_metrics(run_dir, quiet: bool = False) -> list[dict]:
+    """The records of a run's metrics.jsonl ([] if none); RunError naming the file if it is damaged."""
+    return read_jsonl(Path(run_dir) / METRICS, _check_record, quiet=quiet)
+
+
+def read_config(run_dir) -> dict:
+    """A run's config.json; RunError naming the file if it is damaged."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise RunError(f"{run_dir} is not a run folder: it has no {CONFIG}")
+    config = read_json(path, "run configuration")
+    if not isinstance(config.get("flags"), dict) or not isinstance(config.get("experiment"), str):
+        raise RunError(f"{path} is damaged: expected an object with the run's experiment and flags")
+    return config
+
+
 def holds_run(folder) -> bool:
     return any((Path(folder) / name).exists() for name in RUN_FILES)
 
@@ -138,14 +165,30 @@ def read_status(folder) -> dict | None:
     return status
 
 
-def run_state(folder) -> str:
-    """running | finished | failed | interrupted | unfinished (killed, resumable) | empty."""
+@dataclass(frozen=True)
+class RunState:
+    """What a run folder says of its run (`run_state`)."""
+
+    status: str  # running | finished | failed | interrupted | unfinished (killed, resumable) | empty
+    exit_code: int | None = None  # from status.json
+    error: str | None = None  # the one line of a failed run's error
+    time: str | None = None  # when status.json was written
+
+
+def run_state(folder) -> RunState:
+    """The state of the run in `folder`, read from the folder alone (never from a scheduler).
+
+    running while a process holds its lock; else the status.json of the last process that took the
+    folder over (finished, failed, interrupted: also a run that failed before writing any record);
+    else unfinished when it holds run files (killed: `--resume` continues it), empty when not.
+    RunError naming status.json when that file is damaged.
+    """
     if is_running(folder):
-        return "running"
+        return RunState("running")
     status = read_status(folder)
-    if status is not None and holds_run(folder):
-        return status["status"]
-    return "unfinished" if holds_run(folder) else "empty"
+    if status is not None:
+        return RunState(status["status"], status["exit_code"], status.get("error"), status.get("time"))
+    return RunState("unfinished" if holds_run(folder) else "empty")
 
 
 def _now() -> str:

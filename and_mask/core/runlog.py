@@ -8,7 +8,8 @@
   epoch, replaced atomically; `--resume` continues from it and truncates metrics.jsonl to it.
 - weights_init.pt / weights_final.pt: the model's state at initialisation and at the end, for
   loss-landscape plots.
-Who may write into the folder, and status.json, are `and_mask.core.runfolder`'s business.
+The names of these files, their readers, who may write into the folder, and status.json are
+`and_mask.core.runfolder`'s business (torch-free, so that a SLURM job's launcher can read them).
 """
 from __future__ import annotations
 
@@ -26,12 +27,9 @@ import numpy as np
 import torch
 
 from and_mask.core.errors import RunError
-from and_mask.core.files import atomic_write, atomic_write_text, load_torch, read_json, read_jsonl, writing
+from and_mask.core.files import atomic_write, atomic_write_text, load_torch, writing
+from and_mask.core.runfolder import CHECKPOINT, METRICS, read_metrics
 
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS_INIT, WEIGHTS_FINAL = "weights_init.pt", "weights_final.pt"
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng")
 
 
@@ -62,28 +60,6 @@ def describe(flags: dict, experiment: str | None, package: str | None) -> dict:
     """The content of config.json for a run with these flags."""
     return {"experiment": experiment, "package": package, "flags": flags, "versions": versions(),
             "git_commit": _git_commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-
-
-def _check_record(record: dict) -> str | None:
-    if not isinstance(record.get("epoch"), int) or record.get("phase") not in ("epoch", "final"):
-        return "not a metrics record (an integer epoch and a phase, epoch or final)"
-    return None
-
-
-def read_metrics(run_dir, quiet: bool = False) -> list[dict]:
-    """The records of a run's metrics.jsonl ([] if none); RunError naming the file if it is damaged."""
-    return read_jsonl(Path(run_dir) / METRICS, _check_record, quiet=quiet)
-
-
-def read_config(run_dir) -> dict:
-    """A run's config.json; RunError naming the file if it is damaged."""
-    path = Path(run_dir) / CONFIG
-    if not path.exists():
-        raise RunError(f"{run_dir} is not a run folder: it has no {CONFIG}")
-    config = read_json(path, "run configuration")
-    if not isinstance(config.get("flags"), dict) or not isinstance(config.get("experiment"), str):
-        raise RunError(f"{path} is damaged: expected an object with the run's experiment and flags")
-    return config
 
 
 def load_weights(run_dir, name: str, map_location="cpu") -> dict:

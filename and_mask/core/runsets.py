@@ -15,11 +15,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from and_mask.core.cli import parser_defaults
+from and_mask.core.flags import parser_defaults
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
-from and_mask.core.runfolder import group_key, run_state
-from and_mask.core.runlog import CONFIG, read_config, read_metrics
+from and_mask.core.runfolder import CONFIG, group_key, read_config, read_metrics, run_state
 
 
 @dataclass
@@ -49,7 +48,7 @@ def load_runs(run_dirs) -> list[Run]:
     runs = []
     for path in map(Path, run_dirs):
         try:
-            runs.append(Run(path, read_config(path), read_metrics(path), run_state(path)))
+            runs.append(Run(path, read_config(path), read_metrics(path), run_state(path).status))
         except RunError as error:
             warn(f"skipping {path}: {error}")
     return runs

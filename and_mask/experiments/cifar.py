@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import (add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
-                               non_negative_int, positive_float, positive_int)
+from and_mask.core.flags import (add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
+                                 non_negative_int, positive_float, positive_int)
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data
@@ -57,6 +57,12 @@ def add_flags(parser, package):
                        help="Not available here: every example of a batch is its own environment, so a step "
                             "cannot take its batch from one environment. Default: unset (given, it is refused).")
     add_optimizer_flags(train, "adam_flexible_weight_decay")
+
+
+def check_objective(args, objective) -> str | None:
+    """No training objective applies: every example of a batch is its own environment."""
+    return (f"--method {objective.name} is a training objective over environments, which the {NAME} experiment "
+            "does not have (every example is its own environment)")
 
 
 def check(args, parser):

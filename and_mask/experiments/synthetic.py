@@ -22,8 +22,8 @@ from typing import Callable
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.cli import (MAX_SEED, add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
-                               positive_float, positive_int, probability)
+from and_mask.core.flags import (add_lr_milestones_flag, check_lr_milestones, fraction, MAX_SEED, non_negative_float,
+                                 positive_float, positive_int, probability)
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.common import env_group_batches
@@ -31,6 +31,8 @@ from and_mask.datasets.synthetic import held_out, make_loaders
 from and_mask.models import MLP
 
 NAME = "synthetic"
+RUN_FLAG_DEFAULTS: dict = {}  # the run flags keep their defaults
+OUTPUT_DIR_REQUIRED = False  # a new folder under runs/ by default
 
 
 def original_epochs(n_envs: int) -> int:

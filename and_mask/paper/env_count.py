@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 from matplotlib.ticker import NullLocator
 
-from and_mask.core.cli import entry_parser, positive_int, positive_list, probability
+from and_mask.core.flags import entry_parser, positive_int, positive_list, probability
 from and_mask.paper.runs import RunSpec, add_run_flags, analyse, run_options
 from and_mask.summarize import mean_std
 from vizualization.plotting import figure, run_cli, save

@@ -20,7 +20,7 @@ import argparse
 
 import numpy as np
 
-from and_mask.core.cli import add_lr_milestones_flag, check_lr_milestones, entry_parser, positive_int
+from and_mask.core.flags import add_lr_milestones_flag, check_lr_milestones, entry_parser, positive_int
 from and_mask.paper.runs import RunSpec, add_run_flags, analyse, run_options
 from and_mask.summarize import mean_std
 from vizualization.plotting import figure, run_cli, save

@@ -17,10 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from and_mask.core.cli import MAX_SEED
+from and_mask.core.flags import MAX_SEED
 from and_mask.core.errors import RunError
-from and_mask.core.runfolder import INTERRUPTED_EXIT_CODES
-from and_mask.core.runlog import CONFIG, read_config, read_metrics
+from and_mask.core.runfolder import CONFIG, INTERRUPTED_EXIT_CODES, read_config, read_metrics
 from vizualization import plot_runs
 from vizualization.plotting import add_output_flags, claim_figures
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from and_mask.core.cli import entry_parser, probability
+from and_mask.core.flags import entry_parser, probability
 from and_mask.paper.runs import add_run_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
 from and_mask.summarize import mean_std
 from vizualization.plotting import run_cli

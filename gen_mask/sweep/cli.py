@@ -20,7 +20,7 @@ import shlex
 import sys
 import tomllib
 
-from and_mask.core.cli import HelpFormatter, entry_parser, non_negative_int, positive_int, seed_int
+from and_mask.core.flags import entry_parser, HelpFormatter, non_negative_int, positive_int, seed_int
 from and_mask.core.collect import SELECTIONS
 from and_mask.core.errors import RunError
 from gen_mask.sweep import local, slurm

@@ -24,8 +24,7 @@ from pathlib import Path
 from and_mask.core.collect import SELECTIONS, Group, Metric, finished_values, select
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
-from and_mask.core.runfolder import number_flags
-from and_mask.core.runlog import CONFIG, read_config, read_metrics
+from and_mask.core.runfolder import CONFIG, number_flags, read_config, read_metrics
 from and_mask.core.runsets import entry_defaults
 from gen_mask.sweep.folder import SweepFolder
 

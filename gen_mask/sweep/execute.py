@@ -18,13 +18,9 @@ import threading
 from pathlib import Path
 
 from and_mask.core.files import atomic_write_json, writing
+from and_mask.core.runfolder import LOCK, STATUS
 from gen_mask.sweep.jobs import Job
 
-# The run folder's status and lock files (and_mask.core.runfolder's STATUS and LOCK), named here
-# so that a SLURM job, which imports this module, does not import torch with the run-folder code
-# (half a gigabyte).
-STATUS = "status.json"
-LOCK = "run.lock"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_GRACE_S = 60  # a stopped run gets this long to exit before SIGKILL
 

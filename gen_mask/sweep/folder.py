@@ -31,27 +31,18 @@ as holding a run too.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from and_mask.core.errors import RunError
 from and_mask.core.files import atomic_write_text, read_json
-from and_mask.core.runfolder import FolderLock, is_running, read_status
-from gen_mask.sweep.execute import holds_files, now
+from and_mask.core.runfolder import FolderLock, RunState, run_state
+from gen_mask.sweep.execute import now
 
 SWEEP = "sweep.json"
 RUNS = "runs"
 LOGS = "logs"
 SLURM = "slurm"
 VERSION = 1
-
-
-@dataclass
-class RunState:
-    status: str  # running, finished, failed, interrupted, unfinished or empty
-    exit_code: int | None = None
-    error: str | None = None  # the last line of a failed run's error
-    time: str | None = None  # when status.json was written
 
 
 class SweepFolder:
@@ -106,19 +97,12 @@ class SweepFolder:
 
     def states(self) -> dict[str, RunState]:
         """{run id: RunState} of every run of the saved sweep."""
-        return {run["id"]: run_state(self.run_dir(run["id"])) for run in self.read()["runs"]}
+        return {run["id"]: state_of(self.run_dir(run["id"])) for run in self.read()["runs"]}
 
 
-def run_state(run_dir) -> RunState:
-    run_dir = Path(run_dir)
-    if is_running(run_dir):
-        return RunState("running")
+def state_of(run_dir) -> RunState:
+    """`run_state` of a run of the sweep; a damaged status.json makes it unfinished (relaunch resumes it)."""
     try:
-        status = read_status(run_dir)
+        return run_state(run_dir)
     except RunError as damaged:
         return RunState("unfinished", error=str(damaged))
-    if status is not None:
-        return RunState(status["status"], status["exit_code"], status.get("error"), status.get("time"))
-    if holds_files(run_dir):
-        return RunState("unfinished")
-    return RunState("empty")

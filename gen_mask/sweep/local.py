@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm.auto import tqdm
 
-from and_mask.core.cli import positive_int
+from and_mask.core.flags import positive_int
 from gen_mask.sweep import execute
 
 

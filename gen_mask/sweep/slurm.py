@@ -23,11 +23,11 @@ import time
 
 from tqdm.auto import tqdm
 
-from and_mask.core.cli import positive_float, positive_int
+from and_mask.core.flags import positive_float, positive_int
 from and_mask.core.errors import RunError
 from and_mask.core.files import read_jsonl, writing
 from gen_mask.sweep.execute import now
-from gen_mask.sweep.folder import SweepFolder, run_state
+from gen_mask.sweep.folder import SweepFolder, state_of
 from gen_mask.sweep.slurm_job import RunCommand
 
 SUBMISSIONS = "submissions.jsonl"
@@ -144,7 +144,7 @@ def _wait(ids: dict[str, str], folder: SweepFolder, args):
             raise RunError("squeue stopped answering; the jobs go on: relaunch to wait for them again")
         for run_id, job_id in list(left.items()):
             if in_queue is not None and job_id not in in_queue \
-                    and run_state(folder.run_dir(run_id)).status != "running":
+                    and state_of(folder.run_dir(run_id)).status != "running":
                 del left[run_id]
                 bar.update(1)
         if left:
@@ -164,4 +164,4 @@ def launch(jobs, args) -> list[int | None]:
         _wait(ids, folder, args)
     except KeyboardInterrupt:
         raise RunError(f"stopped waiting; the jobs go on (scancel {array} stops them): relaunch to wait again")
-    return [run_state(job.run_dir).exit_code for job in jobs]
+    return [state_of(job.run_dir).exit_code for job in jobs]

@@ -35,18 +35,17 @@ import warnings
 
 import torch
 
-from and_mask import and_mask_utils
-from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, SumRule, apply_combiner
+from and_mask.core import masks
+from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags, SumRule
+from and_mask.core.library import combine_model, combine_output
 from and_mask.core.objectives import ObjectiveRegistry
-from and_mask.core.per_env_grads import env_losses_from_output, grads_from_output, per_env_grads
-from and_mask.core.per_env_hvp import env_hvp
 from gen_mask import baselines, lookahead, solvers
 
 __all__ = ["COMBINERS", "HParam", "METHOD_FLAGS", "OBJECTIVES", "get_grads", "get_grads_from_model"]
 
 COMBINERS = CombinerRegistry()
-COMBINERS.add(and_mask_utils.AND_MASK)  # AND-mask and geometric mean: one implementation, in and_mask
-COMBINERS.add(and_mask_utils.GEOM_MEAN)
+COMBINERS.add(masks.AND_MASK)  # AND-mask and geometric mean: one implementation, in and_mask.core.masks
+COMBINERS.add(masks.GEOM_MEAN)
 COMBINERS.add(lookahead.LOOKAHEAD)  # its own module: the math is longer than one rule's
 
 
@@ -97,15 +96,15 @@ def _sand_mask_update(totals, agreement_threshold=0.5, sand_k=10.0, scale_grad_i
     variance = totals["squared_deviations"] / max(n_envs - 1, 1)
     agreement = totals["sign_sum"].abs() / n_envs
     mask = torch.tanh(sand_k * (agreement - agreement_threshold) / variance.clamp_min(1e-17)).clamp_min(0.0)
-    update = and_mask_utils._rescale(mask * avg, mask, scale_grad_inverse_sparsity)
+    update = masks.rescale(mask * avg, mask, scale_grad_inverse_sparsity)
     return update, {"mask": mask}
 
 
-SAND_MASK_SUMS = SumRule(rounds=(and_mask_utils._sums_and_signs, _squared_deviations), finish=_sand_mask_update,
+SAND_MASK_SUMS = SumRule(rounds=(masks.sums_and_signs, _squared_deviations), finish=_sand_mask_update,
                          counts=("sign_sum",))
 
 
-@COMBINERS.register("sand_mask", hparams=[SAND_THRESHOLD, SAND_K, and_mask_utils.SCALE_GRAD_INVERSE_SPARSITY],
+@COMBINERS.register("sand_mask", hparams=[SAND_THRESHOLD, SAND_K, masks.SCALE_GRAD_INVERSE_SPARSITY],
                     sums=SAND_MASK_SUMS)
 def sand_mask(grads, agreement_threshold=0.5, sand_k=10.0, scale_grad_inverse_sparsity=1):
     """SAND-mask: m ⊙ ḡ, m = max(0, tanh(k·(a − τ)/Var_e g)) (Shahtalebi et al., 2021)."""
@@ -124,7 +123,7 @@ def _majority_vote_update(totals):
     return vote, {"mask": vote.abs()}
 
 
-MAJORITY_VOTE_SUMS = SumRule(rounds=(lambda grads, totals: {"sign_sum": and_mask_utils.sign_sum(grads)},),
+MAJORITY_VOTE_SUMS = SumRule(rounds=(lambda grads, totals: {"sign_sum": masks.sign_sum(grads)},),
                              finish=_majority_vote_update, counts=("sign_sum",))
 
 
@@ -243,28 +242,6 @@ def gaf(grads, cos_distance_threshold=1.0):
     return coefficients @ grads, {"agreed": agreed, "weights": coefficients}
 
 
-def _resolve_hparams(combiner, hyperparameters):
-    known = {h.name for h in combiner.hparams}
-    unknown = set(hyperparameters) - known
-    if unknown:
-        raise ValueError(f"{', '.join(sorted(unknown))} not hyper-parameter(s) of '{combiner.name}'; "
-                         f"its hyper-parameters: {', '.join(sorted(known)) or 'none'}")
-    hparams = {**combiner.defaults(), **hyperparameters}
-    for hp in combiner.hparams:
-        problem = hp.check(hparams[hp.name])
-        if problem:
-            raise ValueError(problem)
-    return hparams
-
-
-def _combine_into_params(params, grads, method, hyperparameters, hvp=None):
-    combiner = COMBINERS[method]
-    combined, diagnostics = apply_combiner(combiner, grads, _resolve_hparams(combiner, hyperparameters), hvp)
-    for param, grad in zip(params, combined):
-        param.grad = grad
-    return diagnostics
-
-
 def get_grads(batch_size, n_envs, loss_fn, params, output, target, method="mean", engine="shared", **hyperparameters):
     """Combine per-environment gradients with the registered rule `method`; writes `param.grad`.
 
@@ -274,27 +251,15 @@ def get_grads(batch_size, n_envs, loss_fn, params, output, target, method="mean"
     defaults; an unknown method or hyper-parameter fails with the valid names. A method that
     needs Hessian-vector products needs the model: use `get_grads_from_model`.
     """
-    if output.shape[0] != n_envs * batch_size:
-        raise ValueError(f"output has {output.shape[0]} rows, expected n_envs * batch_size = {n_envs * batch_size}")
-    combiner = COMBINERS[method]  # fails early, listing the valid names
-    if combiner.needs_hvp:
-        raise ValueError(f"{method} needs the environments' Hessian-vector products, which a finished forward pass "
-                         "cannot give: use get_grads_from_model")
-    params = list(params)
-    env_losses = env_losses_from_output(output, target, loss_fn, n_envs)
-    grads = grads_from_output(env_losses, params, engine=engine)
-    return env_losses.detach().mean(), _combine_into_params(params, grads, combiner.name, hyperparameters)
+    return combine_output(COMBINERS, method, batch_size, n_envs, loss_fn, params, output, target, engine,
+                          hyperparameters)
 
 
 def get_grads_from_model(model, inputs, target, loss_fn, n_envs, method="mean", engine="auto", chunk_size=None,
                          **hyperparameters):
     """Same as `get_grads` but starting from the model, so the fast engines (and Hessian-vector products) can be used."""
-    combiner = COMBINERS[method]
-    result = per_env_grads(model, inputs, target, loss_fn, n_envs, engine=engine, chunk_size=chunk_size,
-                           accepts_outer=True)
-    hvp = env_hvp(model, inputs, target, loss_fn, n_envs, engine, chunk_size) if combiner.needs_hvp else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    return result.env_losses.mean(), _combine_into_params(params, result.grads, combiner.name, hyperparameters, hvp)
+    return combine_model(COMBINERS, method, model, inputs, target, loss_fn, n_envs, engine, chunk_size,
+                         hyperparameters)
 
 
 OBJECTIVES = ObjectiveRegistry({o.name: o for o in baselines.BASELINES})

@@ -91,8 +91,25 @@ class SumRule:
         return self.finish(totals, **hparams)
 
 
+class Method:
+    """What a combiner and a training objective share: `--method NAME`, a one-line summary (its help)
+    from the docstring of what implements it, and hyper-parameters with defaults. Subclasses are
+    dataclasses with the fields `name` and `hparams`."""
+
+    def implementation(self) -> Callable:
+        raise NotImplementedError
+
+    @property
+    def summary(self) -> str:
+        doc = (self.implementation().__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def defaults(self) -> dict:
+        return {h.name: h.default for h in self.hparams}
+
+
 @dataclass(frozen=True)
-class Combiner:
+class Combiner(Method):
     """A named combination rule. `fn(grads, **hparams) -> (combined, diagnostics)`."""
 
     name: str
@@ -113,13 +130,8 @@ class Combiner:
     # Model scope only: `fn` also takes `hvp=` (see the module docstring), and every caller must supply it.
     needs_hvp: bool = False
 
-    @property
-    def summary(self) -> str:
-        doc = (self.fn.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
-    def defaults(self) -> dict:
-        return {h.name: h.default for h in self.hparams}
+    def implementation(self) -> Callable:
+        return self.fn
 
 
 class CombinerRegistry(dict):
@@ -198,6 +210,22 @@ def apply_combiner(combiner: Combiner, per_env_grads: list[torch.Tensor], hparam
     return grads, per_tensor
 
 
+def resolve_hparams(method, hyperparameters: dict) -> dict:
+    """A method's hyper-parameters (a Combiner's or an Objective's): the given ones over its defaults,
+    each checked; ValueError naming an unknown or impossible one."""
+    known = {h.name for h in method.hparams}
+    unknown = set(hyperparameters) - known
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))} not hyper-parameter(s) of '{method.name}'; "
+                         f"its hyper-parameters: {', '.join(sorted(known)) or 'none'}")
+    hparams = {**method.defaults(), **hyperparameters}
+    for hp in method.hparams:
+        problem = hp.check(hparams[hp.name])
+        if problem:
+            raise ValueError(problem)
+    return hparams
+
+
 class MethodFlags:
     """Command-line flags that choose a combiner and set its hyper-parameters.
 
@@ -245,14 +273,11 @@ class MethodFlags:
     def resolve(self, args, parser) -> tuple:
         """(the Combiner or Objective named by --method, its hyper-parameters)."""
         combiner = self.entry(args.method)
-        hparams = {}
-        for hp in combiner.hparams:
-            value = getattr(args, hp.name)
-            value = hp.default if value is None else value
-            problem = hp.check(value)
-            if problem:
-                parser.error(problem)
-            hparams[hp.name] = value
+        given = {hp.name: getattr(args, hp.name) for hp in combiner.hparams if getattr(args, hp.name) is not None}
+        try:
+            hparams = resolve_hparams(combiner, given)
+        except ValueError as problem:
+            parser.error(str(problem))
         for flag, (hp, users) in self._declared.items():
             if getattr(args, flag) is not None and combiner.name not in users and not self.required:
                 parser.error(f"--{flag} is not a hyper-parameter of --method {combiner.name} "

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from and_mask.core.combiners import HParam
+from and_mask.core.combiners import HParam, Method
 from and_mask.core.per_env_grads import split_envs
 
 
@@ -61,7 +61,7 @@ class ObjectiveModule(nn.Module):
 
 
 @dataclass(frozen=True)
-class Objective:
+class Objective(Method):
     """A named objective: `module(context, **hparams)` builds one run's ObjectiveModule."""
 
     name: str
@@ -71,13 +71,8 @@ class Objective:
     needs_env_ids: bool = False  # which training environment each block of a step comes from
     min_envs_per_step: int = 1
 
-    @property
-    def summary(self) -> str:
-        doc = (self.module.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
-    def defaults(self) -> dict:
-        return {h.name: h.default for h in self.hparams}
+    def implementation(self) -> type:
+        return self.module
 
     def build(self, hparams: dict, context: ObjectiveContext) -> ObjectiveModule:
         return self.module(context, **hparams)

@@ -44,7 +44,7 @@ lock: need-python
 # The newest release of every dependency in a throw-away environment, the suite run there, and one
 # line: which packages differ from the lock and which tests fail with them. Not part of CI.
 test-latest: need-python
-	$(PYTHON) tests/latest_report.py
+	$(PYTHON) tests/support/latest_report.py
 
 synthetic: need-python
 	$(PYTHON) -m and_mask.run_synthetic --method and_mask --agreement_threshold 1 \

@@ -1,21 +1,25 @@
-"""AND-mask and the geometric mean of per-environment gradients (Parascandolo et al., ICLR 2021).
+"""AND-mask and the geometric mean of per-environment gradients (Parascandolo et al., ICLR 2021):
+the original module's API, `get_grads` with its original signature and `get_grads_from_model`.
 
-Notation, per parameter tensor: E environments, g_e the gradient of environment e's mean loss,
-ḡ = mean_e g_e, sign(0) = 0, and the agreement a = |mean_e sign(g_e)| ∈ [0, 1] per coordinate.
-The mask keeps the coordinates where the environments agree: m = 1[a ≥ τ].
-
-- τ = 0 keeps every coordinate: AND-mask is then plain averaging (the baseline).
-- τ = 1 keeps a coordinate only if every environment has the same non-zero sign; an
-  environment whose gradient is exactly 0 there counts as sign 0 and breaks unanimity.
-- With `scale_grad_inverse_sparsity` the update of each tensor is multiplied by
-  1 / (1e-10 + mean(m)), compensating for the fraction of coordinates masked out.
+The math, its notation (τ = 0 is plain averaging, τ = 1 unanimity, sign(0) = 0, the per-tensor
+rescaling) and the rules themselves are `and_mask.core.masks`, which gen_mask registers too;
+both packages' `get_grads` are thin over `and_mask.core.library`.
 """
 from __future__ import annotations
 
 from and_mask.core.combiners import CombinerRegistry, MethodFlags
 from and_mask.core.library import combine_model, combine_output
-from and_mask.core.masks import (AGREEMENT_THRESHOLD, AND_MASK, GEOM_MEAN, SCALE_GRAD_INVERSE_SPARSITY,  # noqa: F401
-                                 agreement_mask, and_mask, and_mask_outer, geom_mean, sign_sum)
+from and_mask.core.masks import (  # noqa: F401
+    AGREEMENT_THRESHOLD,
+    AND_MASK,
+    GEOM_MEAN,
+    SCALE_GRAD_INVERSE_SPARSITY,
+    agreement_mask,
+    and_mask,
+    and_mask_outer,
+    geom_mean,
+    sign_sum,
+)
 
 COMBINERS = CombinerRegistry({c.name: c for c in (AND_MASK, GEOM_MEAN)})
 METHOD_FLAGS = MethodFlags(COMBINERS, required=True)

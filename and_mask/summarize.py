@@ -16,10 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from and_mask.core.flags import entry_parser
 from and_mask.core.collect import Metric, flags_text, run_groups, stat
+from and_mask.core.flags import entry_parser
 from and_mask.core.runfolder import CONFIG
 from and_mask.core.runsets import find_runs, load_runs, varying
+from and_mask.experiments.saved import entry_defaults
 
 DENSITY = "mask density"
 INCONSISTENCY = "inconsistency I^ε ≥"  # a lower bound (and_mask.core.consistency)
@@ -86,7 +87,7 @@ def main(argv=None):
         if not run.finished:
             print(f"(unfinished, left out: {run.path} ({run.state}))", file=sys.stderr)
     tables = {experiment: {key: group for key, group in groups.items() if group.samples}
-              for experiment, groups in run_groups(runs).items()}
+              for experiment, groups in run_groups(runs, entry_defaults).items()}
     tables = {experiment: groups for experiment, groups in tables.items() if groups}
     if not tables:
         parser.error("no finished run among the given folders")

@@ -19,8 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from and_mask.core.flags import entry_parser
 from and_mask.core.errors import RunError
+from and_mask.core.flags import entry_parser
+from and_mask.datasets.cifar import cifar10_present
+from gen_mask.erm_irm.fit import valid_methods
 from gen_mask.gen_mask_utils import COMBINERS
 from gen_mask.sweep import cli
 from gen_mask.sweep.spec import parse_spec, read_spec
@@ -31,8 +33,6 @@ BUDGETS = {"quick": SWEEPS / "leaderboard_quick.toml", "full": SWEEPS / "leaderb
 
 def erm_irm_combiners() -> tuple[list[str], dict]:
     """The combiners gen_mask.run_erm_irm runs, and {combiner: reason} of those it cannot."""
-    from gen_mask.erm_irm.fit import valid_methods
-
     valid = set(valid_methods())
     return ([n for n in COMBINERS if n in valid],
             {n: "needs Hessian-vector products, which the benchmark's batched fits do not compute"
@@ -79,8 +79,6 @@ def with_combiners(raw: dict, only: list[str] | None = None) -> dict:
 def with_cifar10(raw: dict) -> dict:
     """`raw` with each random-label task on Fashion-MNIST moved to CIFAR-10 (the paper's data set)
     when CIFAR-10's files are in the task's --data_path; the task's name says so."""
-    from and_mask.datasets.cifar import cifar10_present
-
     tasks = []
     for table in raw["task"]:
         flags = {**raw.get("flags", {}), **table.get("flags", {})}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.entry_points import ENTRY_POINTS, parser_of
+from tests.support.entry_points import ENTRY_POINTS, parser_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("and_mask", "gen_mask", "vizualization")

@@ -14,15 +14,25 @@ import pytest
 import torch
 
 from and_mask.core.errors import RunError
+from and_mask.core.figures import run_cli
 from and_mask.core.runfolder import run_state
 from and_mask.datasets import cifar, colored_mnist, mnist
-from cifar_files import write_cifar10_files
-from mnist_files import idx_bytes, write_debian_archives, write_mnist_files
-from tests import fault_runner as fr
-from tests.faults import (DAMAGES, copy_run, cut_last_line, damage, json_lines, one_line, records, same_weights, train,
-                          weights)
+from tests.support import fault_runner as fr
+from tests.support.cifar_files import write_cifar10_files
+from tests.support.faults import (
+    DAMAGES,
+    copy_run,
+    cut_last_line,
+    damage,
+    json_lines,
+    one_line,
+    records,
+    same_weights,
+    train,
+    weights,
+)
+from tests.support.mnist_files import idx_bytes, write_debian_archives, write_mnist_files
 from vizualization import loss_landscape
-from vizualization.plotting import run_cli
 
 pytestmark = pytest.mark.usefixtures("offline")
 

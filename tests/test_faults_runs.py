@@ -1,6 +1,6 @@
 """Fault injection on run folders: kills at every write, concurrent runs, --resume and --overwrite.
 
-Runs are killed with a real SIGKILL in child processes (tests/fault_runner.py) at every write a
+Runs are killed with a real SIGKILL in child processes (tests/support/fault_runner.py) at every write a
 tiny two-epoch run makes, during the write and right after it; each must leave a folder that
 holds a prefix of the uninterrupted run's records, no lock and no status, and `--resume` must
 end with the uninterrupted run's metrics and weights, bit for bit.
@@ -17,10 +17,20 @@ import pytest
 import torch
 
 from and_mask import summarize
-from and_mask.core.runfolder import (CHECKPOINT, CONFIG, STATUS, differing_number_flags, is_running, number_flags,
-                                     read_config, read_metrics, read_status, run_state)
-from tests import fault_runner as fr
-from tests.faults import (EPOCHS, MODULE, argv, one_line, records, same_weights, snapshot, train, weights)
+from and_mask.core.runfolder import (
+    CHECKPOINT,
+    CONFIG,
+    STATUS,
+    differing_number_flags,
+    is_running,
+    number_flags,
+    read_config,
+    read_metrics,
+    read_status,
+    run_state,
+)
+from tests.support import fault_runner as fr
+from tests.support.faults import EPOCHS, MODULE, argv, one_line, records, same_weights, snapshot, train, weights
 
 EVENTS = fr.write_events(EPOCHS)
 KILLS = [(name, fraction) for name in EVENTS for fraction in (0.5, 1.0)]

@@ -8,19 +8,19 @@
 - Figure folders: figures of another command are never replaced silently.
 """
 import json
-import signal
 import shutil
+import signal
 
 import pytest
 
 from and_mask import summarize
+from and_mask.core.figures import MANIFEST, run_cli
 from and_mask.core.runfolder import STATUS, is_running, read_status
 from gen_mask import run_erm_irm
 from gen_mask.erm_irm.sweep import RESULTS, SETTINGS, read_results
-from tests import fault_runner as fr
-from tests.faults import copy_run, cut_last_line, damage, json_lines, one_line, train
+from tests.support import fault_runner as fr
+from tests.support.faults import copy_run, cut_last_line, damage, json_lines, one_line, train
 from vizualization import loss_landscape, plot_runs
-from vizualization.plotting import MANIFEST, run_cli
 
 ERM_IRM = "gen_mask.run_erm_irm"
 SEM = ["--dataset", "sem_ac", "--methods", "erm,and_mask", "--n_train", "40,80", "--trials", "2", "--steps", "20",
@@ -123,10 +123,10 @@ def test_lost_or_cut_results_are_redone(tmp_path, sweep_reference, how):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two seeds of one setting, one run that differs only in --epochs, one of another experiment."""
-    from tests.mnist_files import write_mnist_files
     from and_mask.and_mask_utils import METHOD_FLAGS
     from and_mask.core import cli
     from and_mask.experiments import colored_mnist
+    from tests.support.mnist_files import write_mnist_files
 
     root = tmp_path_factory.mktemp("runs")
     for name, extra in [("s0", []), ("s1", ["--seed", "1"]), ("e1", ["--epochs", "1"])]:
@@ -142,9 +142,10 @@ def runs(tmp_path_factory):
 
 def groups_of_summarize(root):
     from and_mask.core.runsets import find_runs, load_runs, sections
+    from and_mask.experiments.saved import entry_defaults
 
     loaded = load_runs(find_runs([root]))
-    return sorted(sorted(r.path.name for r in members) for groups in sections(loaded).values()
+    return sorted(sorted(r.path.name for r in members) for groups in sections(loaded, entry_defaults).values()
                   for members in groups.values())
 
 

@@ -1,6 +1,6 @@
 """The flag surface of every entry point: help that states the real defaults, numbers that are checked.
 
-Generic over `tests/entry_points.py::ENTRY_POINTS`, so an entry point added later is covered too.
+Generic over `tests/support/entry_points.py::ENTRY_POINTS`, so an entry point added later is covered too.
 """
 import argparse
 import importlib
@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from and_mask.core import cli, flags
-from and_mask.core.flags import MAX_SEED
 from and_mask.core.combiners import CombinerRegistry, HParam, MethodFlags
 from and_mask.core.errors import RunError
+from and_mask.core.flags import MAX_SEED
 from gen_mask import run_erm_irm
-from gen_mask.gen_mask_utils import COMBINERS, METHOD_FLAGS as GEN_MASK_FLAGS, get_grads
-from tests.entry_points import ENTRY_POINTS, parser_of, required_argv
+from gen_mask.gen_mask_utils import COMBINERS, get_grads
+from gen_mask.gen_mask_utils import METHOD_FLAGS as GEN_MASK_FLAGS
+from tests.support.entry_points import ENTRY_POINTS, parser_of, required_argv
 from vizualization.toy_methods import TOY_METHODS
 
 NON_FINITE = ["nan", "inf", "-inf"]

@@ -1,7 +1,7 @@
 """`make test-latest`'s report: which pins apply here, what differs, which tests failed, one line."""
 import sys
 
-from tests.latest_report import differences, failed_tests, locked_versions, report_line
+from tests.support.latest_report import differences, failed_tests, locked_versions, report_line
 
 LOCK = f"""# header
 numpy==2.4.6 ; python_full_version < '{sys.version_info.major}.{sys.version_info.minor + 1}' \\

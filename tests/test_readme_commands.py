@@ -1,6 +1,6 @@
 """Every shell command in every README is one the code accepts (parsed, never run).
 
-`python -m MODULE ...` of a project module: MODULE is in `tests/entry_points.py` and its
+`python -m MODULE ...` of a project module: MODULE is in `tests/support/entry_points.py` and its
 `build_parser()` accepts the arguments. `pytest`, `pip`, scripts run by path, `make` targets
 (and the `python -m` commands their recipes run), `torchrun` and `sbatch` are checked as far as
 possible without running them: files exist, targets exist. Other programs are refused unless
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.entry_points import ENTRY_POINTS, parser_of
-from tests.readme_shell import ROOT, Command, fenced_blocks, readme_commands, readmes, script_commands
+from tests.support.entry_points import ENTRY_POINTS, parser_of
+from tests.support.readme_shell import ROOT, Command, fenced_blocks, readme_commands, readmes, script_commands
 
 PROJECT_PACKAGES = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} | {"tests"}
 PYTHON = re.compile(r"^(.*/)?python(3(\.\d+)?)?$")
@@ -76,7 +76,7 @@ def check_pip(args: list[str], cwd: Path) -> list[str]:
 def check_module(module: str, args: list[str], cwd: Path) -> list[str]:
     if module.split(".")[0] in PROJECT_PACKAGES:
         if module not in ENTRY_POINTS:
-            return [f"{module} is not an entry point of tests/entry_points.py"]
+            return [f"{module} is not an entry point of tests/support/entry_points.py"]
         failure = parse_failure(module, args)
         return [f"{module} refuses the arguments: {failure}"] if failure else []
     if module == "pytest":
@@ -208,12 +208,12 @@ for seed in 0 1; do
   OMP_NUM_THREADS=1 python3 -m and_mask.run_synthetic $COMMON --seed $seed \\
       --output_dir runs/s${seed} 2>&1 | tee log  # comment
 done
-make install && python -m pytest -q tests/test_optim.py"""
+make install && python -m pytest -q tests/and_mask/test_optim.py"""
     argv = [c.argv for c in script_commands(script)]
     synthetic = ("python3", "-m", "and_mask.run_synthetic", "--epochs", "2", "--use_cuda", "0", "--seed")
     assert argv == [synthetic + ("0", "--output_dir", "runs/s0"), ("tee", "log"),
                     synthetic + ("1", "--output_dir", "runs/s1"), ("tee", "log"),
-                    ("make", "install"), ("python", "-m", "pytest", "-q", "tests/test_optim.py")]
+                    ("make", "install"), ("python", "-m", "pytest", "-q", "tests/and_mask/test_optim.py")]
     assert [c.line for c in script_commands(script)] == [4, 4, 4, 4, 7, 7]
 
 
@@ -243,9 +243,9 @@ def test_bad_commands_are_caught(command, error):
     "python -m gen_mask.run_synthetic --help",
     "make synthetic ARGS='--epochs 2'",
     "make install",
-    "GEN_MASK_PLUGINS=my_rule python -m pytest tests/test_gen_mask_combiners.py",
+    "GEN_MASK_PLUGINS=my_rule python -m pytest tests/gen_mask/test_gen_mask_combiners.py",
     "torchrun --standalone --nproc_per_node 2 -m gen_mask.run_synthetic --method mean",
-    "bash and_mask/experiments/reproduce_synthetic.sh seeds",
+    "bash and_mask/experiments/multinode.sbatch",
     "srun --ntasks 1 python -m gen_mask.run_synthetic --method mean",
 ])
 def test_good_commands_pass(command):

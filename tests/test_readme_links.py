@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.entry_points import ENTRY_POINTS
-from tests.readme_shell import FENCE, ROOT, readmes
+from tests.support.entry_points import ENTRY_POINTS
+from tests.support.readme_shell import FENCE, ROOT, readmes
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.M)

@@ -18,9 +18,9 @@ import warnings
 
 import pytest
 
-from and_mask.core import files, runlog
+from and_mask.core import files, runfolder, runlog
 from and_mask.core.runfolder import read_metrics
-from tests.entry_points import ENTRY_POINTS, parser_of, required_argv
+from tests.support.entry_points import ENTRY_POINTS, parser_of, required_argv
 
 TINY_SYNTHETIC = ["--method", "and_mask", "--agreement_threshold", "1", "--scale_grad_inverse_sparsity", "1",
                   "--examples_per_env", "32", "--n_test", "50", "--batch_size", "16", "--n_hidden_units", "8",
@@ -158,12 +158,12 @@ def test_a_disk_that_fills_during_a_run_keeps_its_files_and_resume_finishes_it(w
 
     def log(self, record):
         if record["epoch"] == 3:
-            with files.writing(self.dir / runlog.METRICS):
+            with files.writing(self.dir / runfolder.METRICS):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, record)
 
     def atomic_write(path, write):
-        if str(path).endswith(runlog.CHECKPOINT):
+        if str(path).endswith(runfolder.CHECKPOINT):
             calls["n"] += 1
             if calls["n"] == 3:
                 with files.writing(path):
@@ -177,7 +177,7 @@ def test_a_disk_that_fills_during_a_run_keeps_its_files_and_resume_finishes_it(w
     monkeypatch.undo()
     assert_one_line(code, err, str(run_dir), "no space left on the device")
     assert [r["epoch"] for r in read_metrics(run_dir)][:2] == [1, 2]
-    assert (run_dir / runlog.CHECKPOINT).exists() and (run_dir / runlog.CONFIG).exists()
+    assert (run_dir / runfolder.CHECKPOINT).exists() and (run_dir / runfolder.CONFIG).exists()
 
     code, err = run_as_main("and_mask.run_synthetic",
                             TINY_SYNTHETIC + ["--epochs", "4", "--output_dir", str(run_dir), "--resume"])

@@ -20,12 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from and_mask.experiments.saved import rebuild
-from and_mask.core.flags import entry_parser, positive_float, seed_int
-from and_mask.core.consistency import (LOWER_BOUND_NOTE, add_search_flags, env_data, estimate_inconsistency,
-                                       settings_from_args)
+from and_mask.core.consistency import (
+    LOWER_BOUND_NOTE,
+    add_search_flags,
+    env_data,
+    estimate_inconsistency,
+    settings_from_args,
+)
 from and_mask.core.errors import RunError
-from vizualization.plotting import add_output_flags, claim_figures, figure, run_cli, save
+from and_mask.core.figures import add_output_flags, claim_figures, figure, run_cli, save
+from and_mask.core.flags import entry_parser, positive_float, seed_int
+from and_mask.experiments.saved import rebuild
 
 FINAL = "weights_final.pt"
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vizualization.landscapes import (Landscape, env_grads, env_hessians, env_losses, mean_landscape,
-                                      single_env)
+from vizualization.landscapes import Landscape, env_grads, env_hessians, env_losses, mean_landscape, single_env
 from vizualization.toy_methods import direction
 
 KINDS = ("invariant", "spurious", "neither")

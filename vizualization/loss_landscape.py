@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from and_mask.experiments.saved import rebuild
-from and_mask.core.flags import entry_parser, finite_float, positive_float, positive_int, seed_int
 from and_mask.core.errors import RunError
+from and_mask.core.figures import add_output_flags, claim_figures, figure, plt, run_cli, save
+from and_mask.core.flags import entry_parser, finite_float, positive_float, positive_int, seed_int
 from and_mask.core.runfolder import is_running
 from and_mask.core.runlog import load_weights
 from and_mask.core.training import evaluate
-from vizualization.plotting import add_output_flags, claim_figures, figure, plt, run_cli, save
+from and_mask.experiments.saved import rebuild
 
 INIT, FINAL = "weights_init.pt", "weights_final.pt"
 LEVEL_QUANTILE = 0.2

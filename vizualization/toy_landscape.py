@@ -23,13 +23,27 @@ import numpy as np
 import torch
 from matplotlib.colors import TwoSlopeNorm
 
-from and_mask.core.flags import (entry_parser, finite_float, non_negative_float, positive_float, positive_int,
-                                 probability, seed_int)
 from and_mask.core.combiners import MethodFlags
-from vizualization.dynamics import (KINDS, basin_fractions, basin_runs, find_minima, hessian_eigenvalues,
-                                    method_dynamics, reached_minimum)
+from and_mask.core.figures import add_output_flags, claim_figures, figure, plt, run_cli, save
+from and_mask.core.flags import (
+    entry_parser,
+    finite_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+    seed_int,
+)
+from vizualization.dynamics import (
+    KINDS,
+    basin_fractions,
+    basin_runs,
+    find_minima,
+    hessian_eigenvalues,
+    method_dynamics,
+    reached_minimum,
+)
 from vizualization.landscapes import DTYPE, LANDSCAPES, default_lr, env_grads, env_losses
-from vizualization.plotting import add_output_flags, claim_figures, figure, plt, run_cli, save
 from vizualization.toy_consistency import EvaluationGrid, inconsistency, method_ilc
 from vizualization.toy_methods import TOY_METHODS, direction
 

@@ -19,15 +19,23 @@ import torch
 from and_mask.core import consistency, distributed
 from and_mask.core.combiners import MethodFlags
 from and_mask.core.env_split import DIST_BN, EnvSplit
+from and_mask.core.errors import RunError
 from and_mask.core.experiment import Experiment
+from and_mask.core.flags import (
+    entry_parser,
+    non_negative_int,
+    parser_defaults,
+    positive_float,
+    positive_int,
+    seed_int,
+    use_cuda_flag,
+)
 from and_mask.core.objectives import Objective
 from and_mask.core.per_env_grads import ENGINES
 from and_mask.core.runfolder import RunFolder, outcome, terminate_as_interrupt
 from and_mask.core.runlog import RunLog, default_output_dir, describe
-from and_mask.core.errors import RunError
-from and_mask.core.flags import (entry_parser, non_negative_int, parser_defaults, positive_float, positive_int,
-                                 seed_int, use_cuda_flag)
 from and_mask.core.training import Trainer, format_record
+
 
 def add_run_flags(parser: argparse.ArgumentParser, defaults: dict, output_dir_required: bool):
     """The flags of every training run; an experiment may change their `defaults` and require --output_dir."""

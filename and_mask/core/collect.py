@@ -36,6 +36,7 @@ from scipy import stats as scipy_stats
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
 from and_mask.core.runfolder import as_typed, read_status
+from and_mask.core.runsets import DefaultsOf, key_flags, sections
 
 # A run's state (runfolder.run_state) as a table counts it.
 OUTCOMES = ("finished", "failed", "unfinished", "running")
@@ -261,17 +262,15 @@ def select(candidates: list[Group], metric: Metric, selection: Selection) -> Gro
     return candidates[max(scored, key=lambda score: (sign * score[0], -score[1]))[1]]
 
 
-def run_groups(runs) -> dict:
+def run_groups(runs, defaults_of: DefaultsOf) -> dict:
     """{experiment: {group key: Group}} of training runs (`runsets.Run`), grouped by `runsets.sections`.
 
     A finished run gives a sample (`training_values`); one whose records lack those numbers is
     counted as failed with that reason, and a warning names it. Every other run is counted by its state, a failed one
     with the error line of its status.json.
     """
-    from and_mask.core.runsets import key_flags, sections
-
     out = {}
-    for experiment, keyed in sections(runs).items():
+    for experiment, keyed in sections(runs, defaults_of).items():
         for key, members in keyed.items():
             flags = key_flags(key)
             group = out.setdefault(experiment, {}).setdefault(

@@ -47,8 +47,13 @@ from torch import nn
 
 from and_mask.core.combiners import Combiner, SumRule, apply_combiner
 from and_mask.core.distributed import World
-from and_mask.core.per_env_grads import (OuterProducts, batch_statistics_only, couples_examples, has_active_dropout,
-                                         resolve_engine)
+from and_mask.core.per_env_grads import (
+    OuterProducts,
+    batch_statistics_only,
+    couples_examples,
+    has_active_dropout,
+    resolve_engine,
+)
 
 DIST_BN = ("exact", "local")
 MAX_INT8_COUNT = 127  # sign counts of up to this many environments travel as int8

@@ -16,7 +16,9 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 from and_mask.core.errors import RunError
@@ -186,10 +188,10 @@ def drop_partial_line(path) -> bool:
 
 
 def load_torch(path, what: str, map_location="cpu", weights_only: bool = True):
-    """torch.load of `path`; RunError naming the file when it cannot be read as a torch file."""
-    import pickle
-    import zipfile
+    """torch.load of `path`; RunError naming the file when it cannot be read as a torch file.
 
+    torch is imported here, not at the top: this module is read by processes that must not load
+    torch (a SLURM job's launcher, the sweep's local launcher)."""
     import torch
 
     path = Path(path)

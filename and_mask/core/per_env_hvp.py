@@ -37,8 +37,16 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from and_mask.core.per_env_grads import (batch_statistics_only, couples_examples, env_blocks, env_losses_from_output,
-                                         functional_env_loss, functional_model, has_active_dropout, resolve_engine)
+from and_mask.core.per_env_grads import (
+    batch_statistics_only,
+    couples_examples,
+    env_blocks,
+    env_losses_from_output,
+    functional_env_loss,
+    functional_model,
+    has_active_dropout,
+    resolve_engine,
+)
 
 
 def hvp_from_hessians(hessians: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

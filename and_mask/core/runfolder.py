@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from and_mask.core.errors import RunError
-from and_mask.core.files import (atomic_write_json, make_folder, read_json, read_jsonl, remove_temporaries, warn,
-                                 writing)
+from and_mask.core.files import atomic_write_json, make_folder, read_json, read_jsonl, remove_temporaries, warn, writing
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -72,7 +71,10 @@ def number_flags(flags: dict) -> dict:
     The one definition used by `--resume` (which refuses any difference), by the grouping of
     summarize and plot_runs (`group_key`) and by sweep collectors.
     """
-    kept = {k: v for k, v in flags.items() if k not in NOT_NUMBER_FLAGS and k not in ("grad_engine", "dist_bn")}
+    # A flag whose value is None was not given and means "the default" (a combiner's own value): the
+    # same as a flag that a run made before the flag existed lacks.
+    kept = {k: v for k, v in flags.items()
+            if k not in NOT_NUMBER_FLAGS and k not in ("grad_engine", "dist_bn") and v is not None}
     if engine_changes_model(flags):
         kept["grad_engine"] = "vmap"
     if flags.get("dist_bn") == "local":  # per-process batch statistics: another model (exact is one process's)
@@ -125,7 +127,15 @@ def read_config(run_dir) -> dict:
 
 
 def holds_run(folder) -> bool:
+    """Whether the folder holds a training run's files (a new run there must --resume or --overwrite)."""
     return any((Path(folder) / name).exists() for name in RUN_FILES)
+
+
+def holds_files(folder) -> bool:
+    """Whether anything has started in the folder: it holds a file other than the lock (a training
+    run's files, or another command's, such as the ERM/IRM benchmark's results.jsonl)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
 
 
 def is_running(folder) -> bool:
@@ -180,7 +190,7 @@ def run_state(folder) -> RunState:
 
     running while a process holds its lock; else the status.json of the last process that took the
     folder over (finished, failed, interrupted: also a run that failed before writing any record);
-    else unfinished when it holds run files (killed: `--resume` continues it), empty when not.
+    else unfinished when it holds files (killed: `--resume` continues it), empty when not.
     RunError naming status.json when that file is damaged.
     """
     if is_running(folder):
@@ -188,10 +198,11 @@ def run_state(folder) -> RunState:
     status = read_status(folder)
     if status is not None:
         return RunState(status["status"], status["exit_code"], status.get("error"), status.get("time"))
-    return RunState("unfinished" if holds_run(folder) else "empty")
+    return RunState("unfinished" if holds_files(folder) else "empty")
 
 
-def _now() -> str:
+def now() -> str:
+    """The local time with its offset, to the second (ISO 8601): status.json's and the lock's time stamps."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
@@ -264,7 +275,7 @@ class FolderLock:
         try:
             with writing(self.path / LOCK):
                 os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode())
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode())
         except RunError:
             os.close(fd)
             raise
@@ -285,7 +296,7 @@ class FolderLock:
             # On a full disk status.json may not be written: the folder then reads as unfinished
             # (as after a kill), which is what it is, and --resume continues it once space is back.
             with contextlib.suppress(RunError):
-                atomic_write_json(self.path / STATUS, {**outcome(error), "time": _now()})
+                atomic_write_json(self.path / STATUS, {**outcome(error), "time": now()})
 
     def __exit__(self, kind, error, traceback):
         try:

@@ -8,14 +8,12 @@ skipped with a warning naming it, never silently and never with a traceback.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from and_mask.core.flags import parser_defaults
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
 from and_mask.core.runfolder import CONFIG, group_key, read_config, read_metrics, run_state
@@ -54,24 +52,17 @@ def load_runs(run_dirs) -> list[Run]:
     return runs
 
 
-@functools.cache
-def entry_defaults(package, experiment) -> dict:
-    """The parser defaults of the module that writes runs of `package` and `experiment`
-    (`PACKAGE.run_EXPERIMENT`; {} when there is none): a flag that a run's config.json lacks,
-    because the run predates the flag, counts as its default, so upgrading the code between
-    runs does not split a group."""
-    try:
-        module = importlib.import_module(f"{package}.run_{experiment}")
-    except ImportError:
-        return {}
-    return parser_defaults(module.build_parser())
+# (package, experiment) -> the flag defaults of the runs it writes ({} when unknown): a flag that a run's
+# config.json lacks, because the run predates the flag, counts as its default, so that upgrading the
+# code between runs does not split a group (`and_mask.experiments.saved.entry_defaults`).
+DefaultsOf = Callable[[str, str], dict]
 
 
-def sections(runs) -> "OrderedDict[str, OrderedDict[tuple, list[Run]]]":
+def sections(runs, defaults_of: DefaultsOf) -> "OrderedDict[str, OrderedDict[tuple, list[Run]]]":
     """{experiment: {group key: runs}}, in the order the runs come; a group's runs differ only in seed."""
     out = OrderedDict()
     for run in runs:
-        key = group_key(run.config, entry_defaults(run.config.get("package"), run.config["experiment"]))
+        key = group_key(run.config, defaults_of(run.config.get("package"), run.config["experiment"]))
         out.setdefault(run.config["experiment"], OrderedDict()).setdefault(key, []).append(run)
     return out
 

@@ -32,8 +32,8 @@ from and_mask.core.errors import NonFiniteLossError, RunError
 from and_mask.core.objectives import Objective, ObjectiveContext, captured_features, final_linear, objective_loss
 from and_mask.core.per_env_grads import env_losses_from_output, per_env_grads
 from and_mask.core.per_env_hvp import env_hvp, hvp_unsupported
-from and_mask.core.runlog import RunLog
 from and_mask.core.runfolder import CHECKPOINT
+from and_mask.core.runlog import RunLog
 
 
 @dataclass

@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.flags import (add_lr_milestones_flag, check_lr_milestones, fraction, non_negative_float,
-                                 non_negative_int, positive_float, positive_int)
+from and_mask.core.flags import (
+    add_lr_milestones_flag,
+    check_lr_milestones,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.cifar import DATASETS, make_loaders, make_random_label_data

@@ -18,8 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.flags import (fraction, non_negative_float, non_negative_int, positive_float, positive_int,
-                                 probability)
+from and_mask.core.flags import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.colored_mnist import PROTOCOLS, ColoredImages, batch_loader, prepared, relabel

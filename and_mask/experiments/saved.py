@@ -2,18 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
-from and_mask.core.cli import seed_everything
+from and_mask.core.cli import add_run_flags, seed_everything
 from and_mask.core.errors import RunError
 from and_mask.core.experiment import Experiment
 from and_mask.core.flags import parser_defaults
-from and_mask.core.runlog import load_weights
 from and_mask.core.runfolder import read_config
+from and_mask.core.runlog import load_weights
 from and_mask.experiments import cifar, colored_mnist, synthetic
 
 EXPERIMENTS: dict[str, Experiment] = {e.NAME: e for e in (synthetic, colored_mnist, cifar)}
+
+
+@functools.cache
+def entry_defaults(package: str, experiment: str) -> dict:
+    """The flag defaults of `PACKAGE.run_EXPERIMENT` ({} for an unknown experiment): the experiment's
+    and the run flags. The method flags are left out: their defaults are None (a combiner's own
+    value), which grouping counts as absent."""
+    found = EXPERIMENTS.get(experiment)
+    if found is None:
+        return {}
+    parser = argparse.ArgumentParser()
+    found.add_flags(parser, package)
+    add_run_flags(parser, found.RUN_FLAG_DEFAULTS, output_dir_required=False)
+    return parser_defaults(parser)
 
 
 def rebuild(run_dir, device="cpu", weights="weights_final.pt"):

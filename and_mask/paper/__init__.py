@@ -6,6 +6,7 @@
 - `label_noise`: Fig. 9, 25 % noisy labels: accuracy on the relabelled images and on the test set.
 - `synthetic_results`: the paper's synthetic protocol for a list of methods over seeds.
 
-The training analyses run each point as an ordinary training run of a `run_*` module into a
-sub-folder of --out (`runs.py`), so an interrupted analysis resumes where it stopped.
+The training analyses run each point as an ordinary training run of a `run_*` module: all of an
+analysis' runs are one sweep in --out (OUT/sweep.toml, run by `python -m gen_mask.sweep`; `runs.py`),
+so an interrupted analysis resumes where it stopped and --workers trains several runs at once.
 """

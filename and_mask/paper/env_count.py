@@ -2,8 +2,8 @@
 
 python -m and_mask.paper.env_count --out runs/env_count
 
-Every point is an ordinary run of `gen_mask.run_synthetic --protocol paper` (sub-folder
-METHOD-envsD-seedS of --out, resumed if interrupted). Only the split of the data into D
+Every point is an ordinary run of `gen_mask.run_synthetic --protocol paper` (the sweep's
+task METHOD-envsD-seedS in --out, resumed if interrupted). Only the split of the data into D
 environments changes from point to point: the training set has --total_examples examples
 (default 40 960 = 32 × 1280, the paper protocol's), D environments of total/D each; every step
 combines all D environments with --examples_per_step/D examples from each (default 4096 =
@@ -21,10 +21,10 @@ import argparse
 import numpy as np
 from matplotlib.ticker import NullLocator
 
+from and_mask.core.figures import figure, run_cli, save
 from and_mask.core.flags import entry_parser, positive_int, positive_list, probability
-from and_mask.paper.runs import RunSpec, add_run_flags, analyse, run_options
+from and_mask.paper.runs import RunSpec, add_analysis_flags, analyse, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import figure, run_cli, save
 
 MODULE = "gen_mask.run_synthetic"
 FIG15_ENVS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=positive_int, default=94, help="Training epochs of every run.")
     group.add_argument("--success_acc", type=probability, default=0.9,
                        help="A method succeeds at D when its best test accuracy reaches this.")
-    add_run_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2,3,4")
+    add_analysis_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2,3,4")
     return parser
 
 

@@ -2,8 +2,8 @@
 
 python -m and_mask.paper.label_noise --out runs/label_noise
 
-Every run is `gen_mask.run_cifar --random_labels_fraction 0.25` (sub-folder METHOD-seedS of --out,
-resumed if interrupted), every example of a batch its own environment. The defaults are the
+Every run is `gen_mask.run_cifar --random_labels_fraction 0.25` (the sweep's task
+METHOD-seedS in --out, resumed if interrupted), every example of a batch its own environment. The defaults are the
 paper's (Appendix B.5): CIFAR-10, FastResNet, 80 epochs, batches of 80, learning rate ×0.1 after
 epoch 60; averaging (`mean`) at its best learning rate 1e-3 and AND-mask at τ = 0.2 with its best
 5e-3 (with rescaling); weight decay 1e-6 before Adam, as the original code's command. A quarter
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from and_mask.core.figures import run_cli
 from and_mask.core.flags import entry_parser, probability
 from and_mask.paper.memorization import COMMON_FLAGS, add_scale_flags, check_scale, scale_argv
-from and_mask.paper.runs import add_run_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
+from and_mask.paper.runs import add_analysis_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import run_cli
 
 MODULE = "gen_mask.run_cifar"
 CHANCE = 0.1  # ten classes
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memorised_acc", type=probability, default=0.5,
                         help="Averaging counts as having memorised the wrong labels at this relabelled accuracy.")
     add_scale_flags(parser, milestone_fractions=(0.75,))
-    add_run_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2")
+    add_analysis_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2")
     return parser
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from and_mask.and_mask_utils import agreement_mask
+from and_mask.core.figures import add_output_flags, claim_figures, figure, run_cli, save
 from and_mask.core.flags import entry_parser, positive_float, positive_int, positive_list, seed_int
-from vizualization.plotting import add_output_flags, claim_figures, figure, run_cli, save
 
 FIG4_ENVS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 50, 64, 80, 100, 128, 160, 200)
 

@@ -2,8 +2,8 @@
 
 python -m and_mask.paper.memorization --out runs/memorization
 
-Every point is an ordinary run of `gen_mask.run_cifar --method and_mask` (sub-folder
-labels-tauT-seedS of --out, resumed if interrupted) with every example of a batch as its own
+Every point is an ordinary run of `gen_mask.run_cifar --method and_mask` (the sweep's
+task labels-tauT-seedS in --out, resumed if interrupted) with every example of a batch as its own
 environment. The defaults are the paper's (Appendix B.5): CIFAR-10, FastResNet, 80 epochs,
 batches of 80, Adam 5e-4 with ×0.1 after epochs 40 and 60, τ ∈ {0, 0.05, 0.1, 0.2, 0.4, 0.6,
 0.8} (τ = 0 is plain averaging), on the true labels and on labels all replaced by random ones,
@@ -20,10 +20,10 @@ import argparse
 
 import numpy as np
 
+from and_mask.core.figures import figure, run_cli, save
 from and_mask.core.flags import add_lr_milestones_flag, check_lr_milestones, entry_parser, positive_int
-from and_mask.paper.runs import RunSpec, add_run_flags, analyse, run_options
+from and_mask.paper.runs import RunSpec, add_analysis_flags, analyse, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import figure, run_cli, save
 
 MODULE = "gen_mask.run_cifar"
 FIG8_TAUS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser("and_mask.paper.memorization", __doc__)
     parser.add_argument("--taus", type=tau_list, default=FIG8_TAUS, help="Comma-separated thresholds τ in [0, 1].")
     add_scale_flags(parser, milestone_fractions=(0.5, 0.75))
-    add_run_flags(parser, methods_default=None, seeds_default="0,1")
+    add_analysis_flags(parser, methods_default=None, seeds_default="0,1")
     return parser
 
 

@@ -1,43 +1,71 @@
-"""What the training analyses share: ordinary runs in sub-folders, resumed where they stopped.
+"""What the training analyses share: their runs are one sweep, which the sweep engine runs.
 
-An analysis is a list of `RunSpec`s (a sub-folder name, an entry module and its flags).
-`validate` checks every spec's flags with the module's parser (a typo fails before anything
-trains); `run_all` runs each one in this process with `module.main(argv + ["--output_dir",
-folder])`: a finished run (its metrics.jsonl ends with the final evaluation) is skipped, a
-started one is continued with --resume, and a run that fails with an error is reported and the
-others go on; `collect` reads the runs back without training. `analyse` does the three and
-writes the analysis' table and figures.
+An analysis lists its runs as `RunSpec`s (a name, an entry module, its flags, and the labels its
+tables group by). `analyse` writes them as a sweep file, OUT/sweep.toml (one task per run), and
+runs the sweep engine on it in a child process, `python -m gen_mask.sweep run OUT/sweep.toml
+--out OUT`: it checks every run's flags with its module's parser before anything trains (and,
+with --dry_run, only prints the commands); runs that finished (their status.json says so) are
+skipped, stopped ones continue with --resume, a failed one is reported and the others go on, and
+--workers runs several at once.
+`collect` reads the finished runs back from the sweep folder (`and_mask.core.sweepfolder`),
+and the analysis writes its table and figures into OUT beside them.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from and_mask.core.flags import MAX_SEED
+from and_mask.core.curves import plot_metric
 from and_mask.core.errors import RunError
-from and_mask.core.runfolder import CONFIG, INTERRUPTED_EXIT_CODES, read_config, read_metrics
-from vizualization import plot_runs
-from vizualization.plotting import add_output_flags, claim_figures
+from and_mask.core.figures import add_output_flags, claim_figures
+from and_mask.core.files import atomic_write_text, make_folder
+from and_mask.core.flags import MAX_SEED, positive_int
+from and_mask.core.runfolder import INTERRUPTED_EXIT_CODES, read_config, read_metrics
+from and_mask.core.runsets import load_runs
+from and_mask.core.sweepfolder import SweepFolder, state_of
+
+SWEEP_FILE = "sweep.toml"
+ENGINE = "gen_mask.sweep"  # run by name in a child process: the engine sits above this package
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    name: str  # sub-folder of the analysis folder
+    name: str  # the run's task in the sweep, and how the analysis' messages name it
     module: str  # entry module, e.g. "gen_mask.run_synthetic"
-    argv: tuple  # its flags, without --output_dir and --resume
+    argv: tuple  # its flags, --seed included, without --output_dir and --resume
     labels: dict = field(default_factory=dict, compare=False)  # what the tables group by (method, seed, ...)
 
-    def command(self, out) -> str:
-        return shlex.join(["python", "-m", self.module, *self.argv, "--output_dir", str(Path(out) / self.name)])
+    def flags(self) -> tuple[dict, int]:
+        """({flag: value as typed} for the sweep file, the seed): `--flag value`, or a bare `--flag` as true."""
+        flags, words, i = {}, list(self.argv), 0
+        while i < len(words):
+            name = words[i][2:]
+            if i + 1 < len(words) and not words[i + 1].startswith("--"):
+                flags[name], i = words[i + 1], i + 2
+            else:
+                flags[name], i = True, i + 1
+        return flags, int(flags.pop("seed", 0))
 
 
-def add_run_flags(parser: argparse.ArgumentParser, methods_default: str | None, seeds_default: str):
-    """Flags of every training analysis: methods (unless None), per-method and common flags, seeds, dry
-    run, and the output flags (--out, --dpi, --pdf)."""
+def sweep_toml(specs: list[RunSpec]) -> str:
+    """The sweep file of `specs`: one [[task]] per run, with its module, seed and flags (values as typed)."""
+    lines = [f"# The runs of this analysis, for `python -m {ENGINE} run`; written by the analysis, which reruns it."]
+    for spec in specs:
+        flags, seed = spec.flags()
+        lines += ["", "[[task]]", f"name = {json.dumps(spec.name)}", f"module = {json.dumps(spec.module)}",
+                  f"seeds = [{seed}]", "[task.flags]"]
+        lines += [f"{name} = {'true' if value is True else json.dumps(value)}" for name, value in flags.items()]
+    return "\n".join(lines) + "\n"
+
+
+def add_analysis_flags(parser: argparse.ArgumentParser, methods_default: str | None, seeds_default: str):
+    """Flags of every training analysis: methods (unless None), per-method and common flags, seeds, the
+    runs at once, dry run, and the output flags (--out, --dpi, --pdf)."""
     group = parser.add_argument_group("runs")
     if methods_default is not None:
         group.add_argument("--methods", default=methods_default,
@@ -49,6 +77,8 @@ def add_run_flags(parser: argparse.ArgumentParser, methods_default: str | None, 
                        help="Extra flags for every run, written --run_flags=\"--epochs 20\" (with the =); they "
                             "override the analysis' own. Default: none.")
     group.add_argument("--seeds", default=seeds_default, help="Comma-separated seeds of the runs.")
+    group.add_argument("--workers", type=positive_int, default=1,
+                       help="Runs trained at once, each a process of the sweep's local launcher.")
     group.add_argument("--dry_run", action="store_true",
                        help="Print the command of every run that is not finished, and train nothing.")
     add_output_flags(parser)
@@ -98,86 +128,87 @@ def by_method(results, methods) -> list:
 
 
 def method_seed_specs(module, options, base_flags) -> list[RunSpec]:
-    """One run per method and seed (sub-folder METHOD-seedS): base flags, --method, --seed, then extra flags."""
+    """One run per method and seed (named METHOD-seedS): base flags, --method, --seed, then extra flags."""
     return [RunSpec(f"{method}-seed{seed}", module,
                     (*base_flags, "--method", method, "--seed", str(seed), *options.flags(method)),
                     {"method": method, "seed": seed})
             for method in options.methods for seed in options.seeds]
 
 
-def is_finished(run_dir) -> bool:
-    records = read_metrics(run_dir)
-    return bool(records) and records[-1].get("phase") == "final"
+def _saved_stamp(out):
+    """The identity of OUT's sweep.json (the engine rewrites it once it has accepted every run), or None."""
+    try:
+        found = SweepFolder(out).sweep_json.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
-def validate(parser, specs):
-    """Parse every spec's flags with its module's parser; the first bad one is this parser's error."""
+def launch(parser, specs: list[RunSpec], out, dry_run: bool, workers: int) -> None:
+    """Write the sweep file of `specs` into OUT and run it in a child process (`dry_run`: print its commands).
+
+    The engine exits non-zero when a run did not finish (reported with the results) and when it
+    refused the sweep before launching anything (a flag a module rejects, a sweep folder with other
+    runs): then it has not rewritten sweep.json, and the analysis ends with a parser error. On
+    Ctrl-C the child (which gets the signal too) stops its runs, which keep what they wrote; the
+    analysis waits for it and ends with the status of an interrupted run.
+    """
+    make_folder(out, "--out")
+    atomic_write_text(Path(out) / SWEEP_FILE, sweep_toml(specs))
+    before = _saved_stamp(out)
+    child = subprocess.Popen([sys.executable, "-m", ENGINE, "run", str(Path(out) / SWEEP_FILE), "--out", str(out),
+                              "--launcher", "dry" if dry_run else "local", "--workers", str(workers)])
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:
+        child.wait()
+        raise SystemExit(INTERRUPTED_EXIT_CODES[0]) from None
+    if status in INTERRUPTED_EXIT_CODES:
+        raise SystemExit(status)
+    if status != 0 and _saved_stamp(out) in (None, before):
+        parser.error(f"the sweep engine refused the runs of {Path(out) / SWEEP_FILE} (its message is above)")
+
+
+def collect(specs, out) -> tuple[list[dict], list[str]]:
+    """(For every finished spec: its labels, final record, epoch records and flags in effect; a line
+    for every failed one), read from the sweep folder OUT."""
+    folder = SweepFolder(out)
+    by_task = {run["task"]: run for run in folder.read()["runs"]}
+    results, failures = [], []
     for spec in specs:
-        try:
-            importlib.import_module(spec.module).build_parser().parse_args([*spec.argv, "--output_dir", "unused"])
-        except SystemExit:
-            parser.error(f"{spec.module} refuses the flags of run {spec.name} (its message is above)")
-
-
-def run_all(specs, out, dry_run=False) -> list[str]:
-    """Train every unfinished spec into out/NAME; returns one line per run that failed."""
-    out = Path(out)
-    failures = []
-    for spec in specs:
-        folder = out / spec.name
-        if is_finished(folder):
+        run = by_task.get(spec.name)
+        if run is None:
             continue
-        if dry_run:
-            print(spec.command(out))
+        run_dir = folder.run_dir(run["id"])
+        state = state_of(run_dir)
+        if state.status == "failed":
+            failures.append(f"{spec.name}: {state.error or f'exit status {state.exit_code}'}")
+        if state.status != "finished":
             continue
-        argv = [*spec.argv, "--output_dir", str(folder)] + (["--resume"] if (folder / CONFIG).exists() else [])
-        print(f"[{spec.name}] {spec.command(out)}", flush=True)
-        module, saved_argv = importlib.import_module(spec.module), sys.argv
-        sys.argv = [module.__file__, *argv]  # config.json records the run's own command line
-        try:
-            module.main(argv)
-        except SystemExit as stop:
-            if stop.code in INTERRUPTED_EXIT_CODES:  # Ctrl-C ends the whole analysis, not just this run
-                raise
-            message = f"exit status {stop.code}" if isinstance(stop.code, int) else str(stop.code)
-            failures.append(f"{spec.name}: {message}")
-            print(f"[{spec.name}] failed: {message}", file=sys.stderr, flush=True)
-        finally:
-            sys.argv = saved_argv
-    return failures
-
-
-def collect(specs, out) -> list[dict]:
-    """For every finished spec: its labels, final record, epoch records and flags in effect."""
-    results = []
-    for spec in specs:
-        folder = Path(out) / spec.name
-        if not is_finished(folder):
-            continue
-        records = read_metrics(folder)
-        results.append({**spec.labels, "name": spec.name, "dir": folder, "final": records[-1],
+        records = read_metrics(run_dir)
+        results.append({**spec.labels, "name": spec.name, "dir": run_dir, "final": records[-1],
                         "epochs": [r for r in records if r.get("phase") == "epoch"],
-                        "flags": read_config(folder)["flags"]})
+                        "flags": read_config(run_dir)["flags"]})
     if not results:
-        raise RunError(f"no finished run under {out}")
-    return results
+        raise RunError(f"no finished run in {out}" + (f" ({len(failures)} failed)" if failures else ""))
+    return results, failures
 
 
 def analyse(parser, args, specs, name, report, figures=("accuracy",)):
-    """Check and run `specs` into --out (or, with --dry_run, print their commands), then report.
+    """Check and run `specs` as one sweep in --out (or, with --dry_run, print their commands), then report.
 
     `report(results)` gets the finished runs (`collect`) and returns (Markdown text, figure
     paths, value); the figures are those named in `figures`, claimed in --out before any run
-    starts (`vizualization.plotting.claim_figures`: another command's figures are not replaced
+    starts (`and_mask.core.figures.claim_figures`: another command's figures are not replaced
     without --overwrite). The text is written to --out/NAME.md and printed with the failures and
     paths, and the value returned (None after a dry run).
     """
-    validate(parser, specs)
     claimed = None if args.dry_run else claim_figures(args, f"and_mask.paper.{name}", [*figures, name])
-    failures = run_all(specs, args.out, args.dry_run)
+    launch(parser, specs, args.out, args.dry_run, args.workers)
     if args.dry_run:
         return None
-    text, drawn, value = report(collect(specs, args.out))
+    results, failures = collect(specs, args.out)
+    text, drawn, value = report(results)
     paths = drawn + [claimed.save_text(text, name)]
     claimed.finish()
     print(text)
@@ -189,8 +220,9 @@ def analyse(parser, args, specs, name, report, figures=("accuracy",)):
 
 
 def plot_curves(args, results) -> list:
-    """accuracy.png: every accuracy curve of the runs, mean ± std by method (as `vizualization.plot_runs`)."""
-    experiments = plot_runs.group_runs(plot_runs.load([r["dir"] for r in results]))
-    # An analysis runs one experiment; its groups are the methods (and settings) compared.
-    (groups,) = experiments.values()
-    return plot_runs.plot_metric(args, groups, "_acc", "accuracy", "accuracy")
+    """accuracy.png: every accuracy curve of the runs, mean ± std by method."""
+    runs = {str(run.path): run for run in load_runs([r["dir"] for r in results])}
+    groups = {}
+    for result in results:
+        groups.setdefault(result["method"], []).append(runs[str(result["dir"])])
+    return plot_metric(args, groups, "_acc", "accuracy", "accuracy")

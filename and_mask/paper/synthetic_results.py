@@ -3,7 +3,7 @@
 python -m and_mask.paper.synthetic_results --out runs/paper_synthetic
 
 Every run is `gen_mask.run_synthetic --protocol paper --weight_decay 1e-4 --method M --seed S`
-(sub-folder M-seedS of --out, resumed if interrupted): 32 environments × 1280 examples, 94
+(the sweep's task M-seedS in --out, resumed if interrupted): 32 environments × 1280 examples, 94
 epochs with the paper's learning-rate drops and early stop, and the paper's best setting of
 Appendix B.3.1 (256 units × 3 layers, batches of 128, Adam 1e-2, L2 1e-4; AND-mask and the
 geometric mean at the registry's τ = 1 with rescaling). Any method of the registry (or a
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from and_mask.core.figures import run_cli
 from and_mask.core.flags import entry_parser, probability
-from and_mask.paper.runs import add_run_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
+from and_mask.paper.runs import add_analysis_flags, analyse, by_method, method_seed_specs, plot_curves, run_options
 from and_mask.summarize import mean_std
-from vizualization.plotting import run_cli
 
 MODULE = "gen_mask.run_synthetic"
 BASE_FLAGS = ["--protocol", "paper", "--weight_decay", "1e-4", "--quiet"]
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "reaches this.")
     group.add_argument("--chance_acc", type=probability, default=0.6,
                        help="A claim of chance holds when the mean final test accuracy is at most this.")
-    add_run_flags(parser, methods_default="and_mask,mean,geom_mean", seeds_default="0,1,2,3,4")
+    add_analysis_flags(parser, methods_default="and_mask,mean,geom_mean", seeds_default="0,1,2,3,4")
     return parser
 
 

@@ -20,13 +20,13 @@ import shlex
 import sys
 import tomllib
 
-from and_mask.core.flags import entry_parser, HelpFormatter, non_negative_int, positive_int, seed_int
 from and_mask.core.collect import SELECTIONS
 from and_mask.core.errors import RunError
+from and_mask.core.flags import HelpFormatter, entry_parser, non_negative_int, positive_int, seed_int
+from and_mask.core.sweepfolder import SweepFolder
 from gen_mask.sweep import local, slurm
-from gen_mask.sweep.folder import SweepFolder
 from gen_mask.sweep.jobs import Job, carried_env, interfaces
-from gen_mask.sweep.spec import Run, expand, load_spec, parse_spec
+from gen_mask.sweep.spec import PlannedRun, expand, load_spec, parse_spec
 
 SHOWN_FAILURES = 10  # failed runs listed after a launch
 
@@ -83,7 +83,7 @@ def add_launch_flags(parser: argparse.ArgumentParser):
         add_flags(parser)
 
 
-def add_run_flags(parser: argparse.ArgumentParser):
+def add_run_command_flags(parser: argparse.ArgumentParser):
     parser.add_argument("sweep", nargs="?", default=None,
                         help="The sweep file (TOML). Default: the sweep given by --module and the flags below, or "
                              "else the one saved in --out.")
@@ -184,7 +184,7 @@ def launch(tasks, args, parser) -> int:
     with folder.lock():
         if tasks is None:
             saved = folder.read()
-            runs = [Run.from_json(record) for record in saved["runs"]]
+            runs = [PlannedRun.from_json(record) for record in saved["runs"]]
             task_records = saved["tasks"]
         else:
             runs = expand(tasks)
@@ -224,6 +224,8 @@ def add_collect_flags(parser: argparse.ArgumentParser):
 
 def write_leaderboard(out, selection: str, quiet: bool):
     """Write DIR/leaderboard.md, .csv and .png of the sweep folder `out`; print the Markdown unless `quiet`."""
+    # lazy: collecting reads every module's defaults (torchvision, the ERM/IRM benchmark), seconds that
+    # `run`, which each analysis and test starts in a child process, does not need
     from gen_mask.sweep import leaderboard_files
     from gen_mask.sweep.collect import collect
 
@@ -239,7 +241,7 @@ def collect_main(args, parser) -> int:
     return 0
 
 
-COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_flags, run_main),
+COMMANDS = {"run": ("Expand a sweep and launch those of its runs that have not finished.", add_run_command_flags, run_main),
             "collect": ("Tabulate a sweep folder: DIR/leaderboard.md, leaderboard.csv and leaderboard.png.",
                         add_collect_flags, collect_main)}
 

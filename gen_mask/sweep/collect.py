@@ -25,8 +25,11 @@ from and_mask.core.collect import SELECTIONS, Group, Metric, finished_values, se
 from and_mask.core.errors import RunError
 from and_mask.core.files import warn
 from and_mask.core.runfolder import CONFIG, number_flags, read_config, read_metrics
-from and_mask.core.runsets import entry_defaults
-from gen_mask.sweep.folder import SweepFolder
+from and_mask.core.sweepfolder import SweepFolder
+from and_mask.experiments.saved import entry_defaults
+from gen_mask.erm_irm.options import parse
+from gen_mask.erm_irm.report import record_groups
+from gen_mask.erm_irm.sweep import read_results
 
 # The headline metric of each module (by its name without the package, so both packages share
 # it): which number, which way is better, and the validation number that selects by it.
@@ -61,7 +64,7 @@ class TrainingReader:
 
     def config_flags(self, run_dir: Path) -> dict | None:
         """The number flags (seed aside) recorded in config.json, None when there is none to read; a
-        flag it lacks (the run predates the flag) counts as its default (`runsets.entry_defaults`)."""
+        flag it lacks (the run predates the flag) counts as its default (`and_mask.experiments.saved.entry_defaults`)."""
         if not (run_dir / CONFIG).exists():
             return None
         try:
@@ -78,8 +81,6 @@ class ErmIrmReader(TrainingReader):
     seconds_unit = "fit"
 
     def _parsed(self, run: dict):
-        from gen_mask.run_erm_irm import parse
-
         return parse([*run["args"], "--out", "unused"])[1]  # the methods and sizes, defaults filled in
 
     def rows(self, run: dict) -> list[tuple[str, dict]]:
@@ -88,9 +89,6 @@ class ErmIrmReader(TrainingReader):
         return [(method, {**flags, "n_train": n}) for method in sweep.methods for n in sweep.n_train]
 
     def samples(self, run_dir: Path, run: dict) -> list[tuple[str, dict, dict, object]]:
-        from gen_mask.erm_irm.report import record_groups
-        from gen_mask.erm_irm.sweep import read_results
-
         rows = dict(((method, flags["n_train"]), flags) for method, flags in self.rows(run))
         groups = record_groups(read_results(run_dir))
         return [(method, rows[(method, n)], values, (run["seed"], trial)) for (method, n), group in groups.items()

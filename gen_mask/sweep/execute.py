@@ -9,7 +9,6 @@ line as the error of a failed run.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import shlex
 import signal
@@ -18,7 +17,7 @@ import threading
 from pathlib import Path
 
 from and_mask.core.files import atomic_write_json, writing
-from and_mask.core.runfolder import LOCK, STATUS
+from and_mask.core.runfolder import STATUS, now
 from gen_mask.sweep.jobs import Job
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -32,18 +31,9 @@ def thread_env(threads: int, extra: dict | None = None) -> dict:
     return env
 
 
-def now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 def write_status(run_dir: Path, status: str, exit_code: int, error: str | None):
     """status.json as a run writes it, for a run that could not (killed, or not writing one)."""
     atomic_write_json(run_dir / STATUS, {"status": status, "exit_code": exit_code, "error": error, "time": now()})
-
-
-def holds_files(run_dir: Path) -> bool:
-    """Whether a run has started in `run_dir`: it holds a file other than the lock."""
-    return run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir())
 
 
 def _status_file(run_dir: Path):

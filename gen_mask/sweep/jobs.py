@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from and_mask.core.errors import RunError
-from gen_mask.sweep.spec import Run
+from gen_mask.sweep.spec import PlannedRun
 
 OUTPUT_FLAGS = ("output_dir", "out")
 # Environment variables a job carries from the launch to wherever it runs (a SLURM node may not
@@ -85,7 +85,7 @@ def _raise(message):
     raise _Rejected(message)
 
 
-def check_flags(run: Run, found: Interface):
+def check_flags(run: PlannedRun, found: Interface):
     """RunError when the module's parser rejects the run's flags."""
     if found.parser is None:
         return
@@ -97,7 +97,7 @@ def check_flags(run: Run, found: Interface):
         raise RunError(f"task {run.task}: {run.module} rejects `{' '.join(run.args)}`: {error}")
 
 
-def interfaces(runs: list[Run]) -> dict[str, Interface]:
+def interfaces(runs: list[PlannedRun]) -> dict[str, Interface]:
     """{module: Interface} of the modules of `runs`, every run's flags checked."""
     found = {}
     for run in runs:

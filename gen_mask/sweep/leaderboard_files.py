@@ -18,8 +18,19 @@ import io
 import math
 from pathlib import Path
 
-from and_mask.core.collect import (CONFIDENCE, OUTCOMES, REFERENCE_METHODS, SELECTIONS, Difference, Group, Stat,
-                                   difference, flags_text, reference_row, stat)
+from and_mask.core.collect import (
+    CONFIDENCE,
+    OUTCOMES,
+    REFERENCE_METHODS,
+    SELECTIONS,
+    Difference,
+    Group,
+    Stat,
+    difference,
+    flags_text,
+    reference_row,
+    stat,
+)
 from and_mask.core.files import atomic_write, atomic_write_text
 from and_mask.core.runsets import differing
 from gen_mask.sweep.collect import TaskResult

@@ -23,11 +23,11 @@ import time
 
 from tqdm.auto import tqdm
 
-from and_mask.core.flags import positive_float, positive_int
 from and_mask.core.errors import RunError
 from and_mask.core.files import read_jsonl, writing
-from gen_mask.sweep.execute import now
-from gen_mask.sweep.folder import SweepFolder, state_of
+from and_mask.core.flags import positive_float, positive_int
+from and_mask.core.runfolder import now
+from and_mask.core.sweepfolder import SweepFolder, state_of
 from gen_mask.sweep.slurm_job import RunCommand
 
 SUBMISSIONS = "submissions.jsonl"

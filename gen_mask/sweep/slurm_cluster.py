@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from and_mask.core.flags import entry_parser
 from and_mask.core.errors import RunError
 from and_mask.core.files import make_folder, writing
+from and_mask.core.flags import entry_parser
 
 DAEMONS = ("slurmd", "slurmctld", "munged")
 NODE = "localhost"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import signal
 
+from and_mask.core.runfolder import holds_files
 from gen_mask.sweep import execute
 
 
@@ -37,7 +38,7 @@ class RunCommand:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # SLURM itself may start a job again (node failure, preemption in REQUEUE mode): a run that
         # has started in its folder is then continued, whatever the command first submitted.
-        if not self.job.resume and execute.holds_files(self.job.run_dir):
+        if not self.job.resume and holds_files(self.job.run_dir):
             self.job = self.job.resumed()
         self._child = execute.start(self.job, self.threads, ignore_signals=(signal.SIGUSR2,))
         try:

@@ -83,7 +83,7 @@ class Task:
 
 
 @dataclass
-class Run:
+class PlannedRun:
     """One command of a sweep: `python -m module` with `flags` (the output flag added at launch)."""
 
     task: str
@@ -107,7 +107,7 @@ class Run:
                 "grid": self.grid, "random": self.drawn, "draw": self.draw, "args": self.args}
 
     @classmethod
-    def from_json(cls, record: dict) -> "Run":
+    def from_json(cls, record: dict) -> "PlannedRun":
         return cls(task=record["task"], module=record["module"], flags=record["flags"], grid=record["grid"],
                    drawn=record["random"], draw=record["draw"], seed=record["seed"])
 
@@ -308,7 +308,7 @@ def draw(spec: dict, random_seed: int, name: str, index: int):
     return float(f"{value:.6g}")
 
 
-def expand_task(task: Task) -> list[Run]:
+def expand_task(task: Task) -> list[PlannedRun]:
     search = {k: v for k, v in task.random.items() if k not in ("n", "seed")}
     draws = range(task.random["n"]) if search else [None]
     points = list(itertools.product(*task.grid.values()))
@@ -319,12 +319,12 @@ def expand_task(task: Task) -> list[Run]:
             for index in draws:
                 drawn = {name: draw(spec, task.random["seed"], name, index) for name, spec in search.items()}
                 flags = {**task.flags, **grid, **drawn, "seed": seed}
-                runs.append(Run(task=task.name, module=task.module, flags=flags, grid=grid, drawn=drawn,
+                runs.append(PlannedRun(task=task.name, module=task.module, flags=flags, grid=grid, drawn=drawn,
                                 draw=index, seed=seed))
     return runs
 
 
-def expand(tasks: list[Task]) -> list[Run]:
+def expand(tasks: list[Task]) -> list[PlannedRun]:
     """Every run of the sweep, in order, one per distinct command."""
     runs, owner = [], {}
     for task in tasks:

@@ -14,10 +14,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timing import and_mask_step, interleaved_medians, print_ratios
 
 from and_mask.core.optim import AdamFlexibleWeightDecay
 from and_mask.models import FastResnet
-from timing import and_mask_step, interleaved_medians, print_ratios
 
 HPARAMS = {"agreement_threshold": 0.2, "scale_grad_inverse_sparsity": 1}
 

@@ -15,12 +15,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from bench_align_weights import HIDDEN, LAYERS, N_DIMS, N_ENVS, batches  # same model and data
 
 from and_mask.core.combiners import apply_combiner
 from and_mask.core.per_env_grads import per_env_grads
 from and_mask.core.per_env_hvp import env_hvp
 from and_mask.models import MLP
-from bench_align_weights import HIDDEN, LAYERS, N_DIMS, N_ENVS, batches  # same model and data
 from gen_mask.gen_mask_utils import COMBINERS
 
 

@@ -11,10 +11,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timing import and_mask_step, interleaved_medians, print_ratios
 
 from and_mask.core.per_env_grads import env_losses_from_output
 from and_mask.models import MLP
-from timing import and_mask_step, interleaved_medians, print_ratios
 
 N_ENVS, BATCH, N_DIMS, HIDDEN, LAYERS = 16, 256, 8, 256, 3
 HPARAMS = {"agreement_threshold": 1.0, "scale_grad_inverse_sparsity": 1}

@@ -18,11 +18,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved_medians, print_ratios
 
 from and_mask.core.training import Trainer, TrainSetup
 from and_mask.models import MLP
 from gen_mask.gen_mask_utils import COMBINERS
-from timing import interleaved_medians, print_ratios
 
 
 def make_step(model, method, hparams, x, y, n_envs):

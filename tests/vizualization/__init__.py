@@ -1,0 +1,1 @@
+"""Tests of the vizualization package: toy landscapes and plots of runs."""

@@ -22,8 +22,16 @@ from typing import Callable
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
-from and_mask.core.flags import (add_lr_milestones_flag, check_lr_milestones, fraction, MAX_SEED, non_negative_float,
-                                 positive_float, positive_int, probability)
+from and_mask.core.flags import (
+    MAX_SEED,
+    add_lr_milestones_flag,
+    check_lr_milestones,
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    probability,
+)
 from and_mask.core.optim import add_optimizer_flags, check_optimizer_flags, make_optimizer
 from and_mask.core.training import TrainSetup
 from and_mask.datasets.common import env_group_batches
@@ -139,7 +147,7 @@ def add_flags(parser, package):
 def env_counts(args):
     """(training environments, environments combined per step)."""
     if hasattr(args, "n_envs"):
-        return args.n_envs, args.envs_per_step or args.n_envs
+        return args.n_envs, args.envs_per_step
     return args.n_train_envs, args.n_agreement_envs
 
 
@@ -155,6 +163,8 @@ def resolve_protocol(args):
     for name in env_flags:
         if getattr(args, name, None) is None:
             setattr(args, name, protocol.n_envs)
+    if hasattr(args, "n_envs") and getattr(args, "envs_per_step", None) is None:
+        args.envs_per_step = args.n_envs  # recorded in config.json: every step combines all environments
     for name in ("examples_per_env", "n_dims", "signature_std", "batch_size", "stop_train_acc_above",
                  "stop_test_acc_below"):
         if getattr(args, name, None) is None:

@@ -17,8 +17,11 @@ part of the interface (the environments of a step may live on different processe
    environments meet, and each objective's docstring says how it decomposes.
 
 An objective is an `ObjectiveModule` (an nn.Module): parameters of its own (DANN's domain
-classifier) are trained by the run's optimiser, and those parameters and a step counter (for the
-annealing schedules) are saved in the run's checkpoint and restored on resume.
+classifier) are trained by the run's optimiser, in a parameter group of their own (with the
+objective's `param_group` options), and those parameters and a step counter (for the annealing
+schedules) are saved in the run's checkpoint and restored on resume. An objective declared with
+`weight_decay_in_loss` (IRMv1, V-REx) takes the run's weight decay wd out of the optimiser and adds
+wd·Σ_θ ‖θ‖² to its loss itself (`ObjectiveContext.l2_term`), where its reference code has it.
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ class ObjectiveContext:
     n_train_envs: int  # number of training environments (DANN's domain classes)
     n_features: int | None  # width of the features (the input of the model's final Linear layer)
     total_steps: int | None  # optimiser steps of the whole run, for schedules over training
+    # l2_term() -> wd·Σ_θ ‖θ‖² over the model's parameters: the run's weight decay as a term of the
+    # loss, for objectives with `weight_decay_in_loss` (0 for the others, whose optimiser decays).
+    l2_term: Callable[[], torch.Tensor | float] = lambda: 0.0
 
 
 class ObjectiveModule(nn.Module):
@@ -59,6 +65,10 @@ class ObjectiveModule(nn.Module):
         """(loss, diagnostics) from terms stacked over the E environments of the step."""
         raise NotImplementedError
 
+    def param_group(self) -> dict:
+        """Optimiser options of the group of this objective's own parameters; {} takes the optimiser's."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Objective(Method):
@@ -70,6 +80,7 @@ class Objective(Method):
     needs_features: bool = False  # the input of the model's final nn.Linear, per example
     needs_env_ids: bool = False  # which training environment each block of a step comes from
     min_envs_per_step: int = 1
+    weight_decay_in_loss: bool = False  # the run's weight decay becomes the loss's l2_term (see the module)
 
     def implementation(self) -> type:
         return self.module

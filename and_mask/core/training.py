@@ -112,6 +112,8 @@ class Trainer:
         self.device, self.engine, self.chunk_size, self.l1_coef, self.quiet = device, engine, chunk_size, l1_coef, quiet
         self.named_params = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
+        self.split = split if split is not None else EnvSplit()
+        self.world = self.split.world
         self.objective = self._build_objective() if isinstance(method, Objective) else None
         self.plain = self.objective is None and method.reduces_to_mean(**hparams)
         self.l2_coef = l2_coef
@@ -120,22 +122,39 @@ class Trainer:
         problem = hvp_unsupported(setup.model) if needs_hvp else None
         if problem:
             raise RunError(f"--method {method.name}: {problem}")
-        self.split = split if split is not None else EnvSplit()
-        self.world = self.split.world
         self.eval_loaders = {name: shard_loader(loader, self.world) for name, loader in setup.eval_loaders.items()}
 
     def _build_objective(self):
         """The run's ObjectiveModule; its own parameters join the optimiser as a new parameter group."""
         setup, method = self.setup, self.method
         total_steps = setup.epochs * setup.steps_per_epoch if setup.steps_per_epoch else None
+        weight_decay = {"l2_term": self._weight_decay_as_loss()} if method.weight_decay_in_loss else {}
         context = ObjectiveContext(loss_fn=setup.loss_fn, n_train_envs=len(setup.env_loaders),
                                    n_features=final_linear(setup.model).in_features if method.needs_features else None,
-                                   total_steps=total_steps)
+                                   total_steps=total_steps, **weight_decay)
         objective = method.build(self.hparams, context).to(self.device)
         extra = [p for p in objective.parameters() if p.requires_grad]
-        if extra:  # the group takes the optimiser's defaults (learning rate, decay) and its schedule
-            setup.optimizer.add_param_group({"params": extra})
+        if extra:  # the group takes the optimiser's defaults (learning rate, ...) unless the objective sets them
+            setup.optimizer.add_param_group({"params": extra, **objective.param_group()})
         return objective
+
+    def _weight_decay_as_loss(self):
+        """l2_term() = Σ_groups wd_g·Σ_{θ in g} ‖θ‖², each group's weight decay wd_g moved out of the optimiser.
+
+        With several processes the term's gradient flows on rank 0 only (the others add its value as
+        a constant), so that the gradients summed across ranks hold it once.
+        """
+        groups = self.setup.optimizer.param_groups
+        decayed = [(group["weight_decay"], [p for p in group["params"] if p.requires_grad])
+                   for group in groups if group["weight_decay"]]
+        for group in groups:
+            group["weight_decay"] = 0.0
+
+        def l2_term():
+            term = sum(wd * sum(p.pow(2).sum() for p in params) for wd, params in decayed)  # 0 if none decays
+            return term.detach() if torch.is_tensor(term) and not self.world.is_leader else term
+
+        return l2_term
 
     def _objective_step(self, batch: LocalBatch, n_envs: int, env_ids):
         """Backward pass of the objective's loss over all n_envs environments, through this rank's terms."""
@@ -153,7 +172,9 @@ class Trainer:
                                                   captured.get("features"), ids, batch.own,
                                                   lambda terms: self.split.share_terms(terms, n_envs))
         loss.backward()
-        self.split.sum_grads([p for p in self.objective.parameters() if p.requires_grad] + self.params)
+        # A parameter that the step does not train (DANN's alternating steps) has no gradient; the optimiser skips it.
+        trained = [p for p in [*self.objective.parameters(), *self.params] if p.requires_grad and p.grad is not None]
+        self.split.sum_grads(trained)
         own = self.world.env_range(n_envs)
         risks = risks if batch.whole else risks[own.start:own.stop]  # as the rank's share of the batch's losses
         return risks.detach(), output.detach(), {"objective": loss.detach(), **diagnostics}
@@ -189,11 +210,12 @@ class Trainer:
                 env_losses, output = result.env_losses, result.output
                 masks = [d.get("mask") for d in per_tensor]
         loss, correct = split.totals(env_losses, count_correct(output, batch.target), n_envs, batch.whole)
+        trained = [p for p in params if p.grad is not None]  # not the model on DANN's domain-classifier steps
         if self.l1_coef > 0:
-            for p in params:
+            for p in trained:
                 p.grad.add_(torch.sign(p.detach()), alpha=self.l1_coef)
         if self.l2_coef > 0:  # the gradient of ½·l2_coef·‖θ‖², added after combining (never masked)
-            for p in params:
+            for p in trained:
                 p.grad.add_(p.detach(), alpha=self.l2_coef)
         return loss, correct, masks, diagnostics
 
@@ -269,6 +291,11 @@ class Trainer:
                 raise ValueError(f"its epoch {state['epoch']} is not one of this run's 1..{s.epochs}")
             s.model.load_state_dict(state["model"])
             s.optimizer.load_state_dict(state["optimizer"])
+            decayed = any(g["weight_decay"] for g in s.optimizer.param_groups)
+            if decayed and getattr(self.method, "weight_decay_in_loss", False):
+                # Saved when this objective's weight decay was the optimiser's: continuing would decay twice.
+                raise ValueError(f"it was saved when --method {self.method.name} left the weight decay to the "
+                                 f"optimiser, not to its loss")
             if self.objective is not None:
                 self.objective.load_state_dict(state["objective"])
             if s.scheduler is not None:

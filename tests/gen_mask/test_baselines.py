@@ -20,8 +20,9 @@ SMALL = ["--examples_per_env", "64", "--n_test", "100", "--n_envs", "4", "--batc
 SHORT_ANNEAL = {"irm": ["--irm_anneal_steps", "3"], "vrex": ["--vrex_anneal_steps", "3"], "dann": []}
 
 
-def context(loss_fn=F.binary_cross_entropy_with_logits, n_train_envs=3, n_features=4, total_steps=10):
-    return ObjectiveContext(loss_fn, n_train_envs, n_features, total_steps)
+def context(loss_fn=F.binary_cross_entropy_with_logits, n_train_envs=3, n_features=4, total_steps=10,
+            l2_term=lambda: 0.0):
+    return ObjectiveContext(loss_fn, n_train_envs, n_features, total_steps, l2_term)
 
 
 def build(name, ctx=None, **hparams):
@@ -44,16 +45,28 @@ def test_irm_penalty_has_its_closed_forms():
 
 
 def test_irm_and_vrex_anneal_the_penalty_and_rescale_the_loss():
-    for name, penalty_key in (("irm", "penalty"), ("vrex", None)):
+    risks = torch.tensor([0.2, 0.5, 0.8])
+    terms = {"risk": risks, "penalty": torch.tensor([0.1, 0.2, 0.3])}
+    # IRMv1: the mean risk and penalty; V-REx (its authors' code): the summed risks and the mean over
+    # pairs of environments of (R_e − R_f)² (pairs (0.2, 0.5), (0.2, 0.8), (0.5, 0.8))
+    vrex_penalty = (0.3 ** 2 + 0.6 ** 2 + 0.3 ** 2) / 3
+    for name, risk, penalty in (("irm", risks.mean(), terms["penalty"].mean()), ("vrex", risks.sum(), vrex_penalty)):
         objective = build(name, **{f"{name}_penalty_weight": 100.0, f"{name}_anneal_steps": 2})
-        risks = torch.tensor([0.2, 0.5, 0.8])
-        terms = {"risk": risks, "penalty": torch.tensor([0.1, 0.2, 0.3])}
-        penalty = terms["penalty"].mean() if penalty_key else (risks - risks.mean()).pow(2).mean()
         for step, weight in ((0, 1.0), (1, 1.0), (2, 100.0), (5, 100.0)):
             objective.steps_done.fill_(step)
             loss, diagnostics = objective.reduce(terms)
             assert float(diagnostics["penalty_weight"]) == weight
-            assert torch.allclose(loss, (risks.mean() + weight * penalty) / max(weight, 1.0))
+            assert torch.allclose(loss, (risk + weight * penalty) / max(weight, 1.0))
+
+
+def test_irm_and_vrex_divide_the_run_s_l2_term_with_the_loss():
+    """Their reference code's l2·Σ‖θ‖² sits inside the loss that the penalty weight divides."""
+    terms = {"risk": torch.tensor([0.2, 0.5]), "penalty": torch.tensor([0.1, 0.3])}
+    for name, risk, penalty in (("irm", 0.35, 0.2), ("vrex", 0.7, 0.09)):
+        objective = build(name, context(l2_term=lambda: torch.tensor(0.4)), **{f"{name}_penalty_weight": 10.0,
+                                                                             f"{name}_anneal_steps": 0})
+        loss, _ = objective.reduce(terms)
+        assert torch.allclose(loss, torch.tensor((risk + 0.4 + 10 * penalty) / 10))
 
 
 def test_vrex_gradient_is_its_definition_and_a_weighted_sum_of_environment_gradients():
@@ -64,14 +77,15 @@ def test_vrex_gradient_is_its_definition_and_a_weighted_sum_of_environment_gradi
     objective = build("vrex", vrex_penalty_weight=beta, vrex_anneal_steps=0)
     loss, risk, _ = objective_loss(objective, model(x), y, 4)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    # the definition: mean_e R_e + β·Var_e R_e (population variance), divided by β > 1
+    # the definition: Σ_e R_e + β·mean over pairs e < f of (R_e − R_f)², divided by β > 1
     risks = torch.stack([F.binary_cross_entropy_with_logits(model(xe).squeeze(1), ye)
                          for xe, ye in zip(x.view(4, 5, 3), y.view(4, 5))])
-    definition = (risks.mean() + beta * ((risks - risks.mean()) ** 2).mean()) / beta
+    pairs = torch.stack([(risks[e] - risks[f]) ** 2 for e in range(4) for f in range(e + 1, 4)])
+    definition = (risks.sum() + beta * pairs.mean()) / beta
     for g, d in zip(grads, torch.autograd.grad(definition, list(model.parameters()), retain_graph=True)):
         assert torch.allclose(g, d, atol=1e-6)
-    # the decomposition a distributed run would use: Σ_e c_e ∇R_e, c_e = (1/E + 2β(R_e − R̄)/E)/β
-    weights = (1 / 4 + 2 * beta * (risks - risks.mean()) / 4).detach() / beta
+    # the decomposition a distributed run would use: Σ_e c_e ∇R_e, c_e = (1 + 4β(R_e − R̄)/(E − 1))/β
+    weights = (1 + 4 * beta * (risks - risks.mean()) / 3).detach() / beta
     env_grads = [torch.autograd.grad(r, list(model.parameters()), retain_graph=True) for r in risks]
     for i, g in enumerate(grads):
         assert torch.allclose(g, sum(w * eg[i] for w, eg in zip(weights, env_grads)), atol=1e-6)
@@ -106,7 +120,7 @@ def test_gradient_reversal_flips_the_feature_extractor_gradient_of_the_domain_lo
 
 
 def test_dann_schedule_ramps_from_zero_to_lambda():
-    objective = build("dann", context(total_steps=100), dann_lambda=2.0)
+    objective = build("dann", context(total_steps=100), dann_lambda=2.0, dann_grl_schedule="ganin")
     objective.steps_done.fill_(0)
     assert objective.grl_weight() == 0.0
     objective.steps_done.fill_(100)
@@ -150,8 +164,8 @@ def test_each_baseline_trains_on_the_synthetic_task(tmp_path, name):
     assert records[-2]["train_loss"] < records[0]["train_loss"]
     if name != "dann":
         assert terms["penalty_weight"] == 1e4  # past the warm-up of 3 steps (4 steps per epoch)
-    else:
-        assert 0 < terms["grl_weight"] < 1 and 0 <= terms["domain_acc"] <= 1
+    else:  # λ constant, as DomainBed's
+        assert terms["grl_weight"] == 1.0 and 0 <= terms["domain_acc"] <= 1
 
 
 def test_dann_trains_its_domain_classifier_and_resumes_exactly(tmp_path, monkeypatch):
@@ -161,6 +175,7 @@ def test_dann_trains_its_domain_classifier_and_resumes_exactly(tmp_path, monkeyp
     groups = checkpoint["optimizer"]["param_groups"]
     assert len(groups) == 2  # the model's and the domain classifier's, on the same schedule
     assert groups[0]["lr"] == groups[1]["lr"] == pytest.approx(1e-3)  # ×0.1 after 3/4 of the epochs
+    assert tuple(groups[1]["betas"]) == (0.5, 0.9) and groups[1]["weight_decay"] == 0.0  # DomainBed's for D
     assert int(checkpoint["objective"]["steps_done"]) == 3 * 4
     interrupt_then_resume(run_synthetic, argv, tmp_path / "split", monkeypatch, stop_after_epoch=1)
     assert read(tmp_path / "split") == read(tmp_path / "whole")
@@ -223,3 +238,19 @@ def test_help_lists_the_baselines_beside_the_combiners(capsys):
     out = capsys.readouterr().out
     for flag in ("irm", "vrex", "dann", "--irm_penalty_weight", "--vrex_anneal_steps", "--dann_lambda"):
         assert flag in out
+
+
+def test_a_checkpoint_whose_optimiser_decayed_an_irm_run_is_refused(tmp_path):
+    # Saved before IRM's weight decay moved into its loss: resuming would decay twice.
+    argv = SMALL + ["--method", "irm", "--epochs", "2", "--weight_decay", "0.01", "--output_dir", str(tmp_path)]
+    run_synthetic(argv)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert all(group["weight_decay"] == 0 for group in checkpoint["optimizer"]["param_groups"])
+    checkpoint["epoch"] = 1
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["weight_decay"] = 0.01
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    (tmp_path / "status.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        run_synthetic(argv + ["--resume"])
+    assert "left the weight decay to the optimiser, not to its loss" in str(exit_info.value.code)

@@ -9,7 +9,9 @@ environments changes from point to point: the training set has --total_examples 
 combines all D environments with --examples_per_step/D examples from each (default 4096 =
 32 × 128); every run trains --epochs epochs (default 94 = ⌈3000/32⌉, the paper protocol's budget
 at D = 32) with the paper's learning-rate drops and early stop. So the data, the step size, the
-number of steps and the budget are the same for every D.
+number of steps and the budget are the same for every D. With --envs_per_step G a step combines
+a group of min(G, D) environments instead (drawn as `--envs_per_step` draws them), so at D > G the
+steps are D/G times more and smaller.
 
 Table and figure: per method and D, the final test accuracy (mean ± std over seeds) and, as in
 Fig. 15, the best over seeds of the highest test accuracy any evaluation reached.
@@ -32,6 +34,11 @@ FIG15_ENVS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BASE_FLAGS = ["--protocol", "paper", "--weight_decay", "1e-4", "--quiet"]
 
 
+def group_size(args, d: int) -> int:
+    """Environments combined per step at D = d: all of them, or --envs_per_step when fewer."""
+    return d if args.envs_per_step is None else min(args.envs_per_step, d)
+
+
 def specs_of(args, parser, options) -> list[RunSpec]:
     for d in args.envs:
         if args.total_examples % d or args.examples_per_step % d:
@@ -39,6 +46,9 @@ def specs_of(args, parser, options) -> list[RunSpec]:
                          f"--examples_per_step ({args.examples_per_step})")
     if args.examples_per_step > args.total_examples:
         parser.error("--examples_per_step exceeds --total_examples")
+    for d in args.envs:
+        if d % group_size(args, d):
+            parser.error(f"--envs_per_step {args.envs_per_step} does not divide {d} environments")
     specs = []
     for method in options.methods:
         for d in args.envs:
@@ -46,6 +56,7 @@ def specs_of(args, parser, options) -> list[RunSpec]:
                 argv = [*BASE_FLAGS, "--method", method, "--n_envs", str(d),
                         "--examples_per_env", str(args.total_examples // d),
                         "--batch_size", str(args.examples_per_step // d), "--epochs", str(args.epochs),
+                        *(["--envs_per_step", str(group_size(args, d))] if args.envs_per_step else []),
                         "--seed", str(seed), *options.flags(method)]
                 specs.append(RunSpec(f"{method}-envs{d}-seed{seed}", MODULE, tuple(argv),
                                      {"method": method, "envs": d, "seed": seed}))
@@ -72,7 +83,8 @@ def summarise(results, methods, envs, success: float):
 
 def table(cells, first, methods, envs, args) -> str:
     lines = [f"Test accuracy (%) against the number of training environments D: {args.total_examples} training "
-             f"examples split into D environments, {args.examples_per_step} examples per step, {args.epochs} epochs.",
+             f"examples split into D environments, {args.examples_per_step} examples per step, {args.epochs} epochs"
+             + (f", steps combining min({args.envs_per_step}, D) environments." if args.envs_per_step else "."),
              "final: mean ± std over seeds (n); best: the best over seeds of the highest test accuracy of any "
              "evaluation (Fig. 15); stopped: runs ended by the early stop.", "",
              "| D | examples per environment | " + " | ".join(f"{m}: final | {m}: best | {m}: stopped"
@@ -123,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--examples_per_step", type=positive_int, default=4096,
                        help="Examples per step, examples_per_step/D from each environment.")
     group.add_argument("--epochs", type=positive_int, default=94, help="Training epochs of every run.")
+    group.add_argument("--envs_per_step", type=positive_int, default=None,
+                       help="Environments G whose batches make one step (a group of a fresh random partition, "
+                            "G = min(G, D), dividing every D); the examples per step are then G/D of "
+                            "--examples_per_step. Default: all D at every step.")
     group.add_argument("--success_acc", type=probability, default=0.9,
                        help="A method succeeds at D when its best test accuracy reaches this.")
     add_analysis_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2,3,4")

@@ -89,8 +89,20 @@ def test_env_count_table_figure_and_rerun(tmp_path, capsys):
     assert sum("start:" in line for line in log_lines(tmp_path, "mean-envs2-seed0")) == 1
 
 
+def test_env_count_steps_combine_groups_of_at_most_g_environments():
+    parser = env_count.build_parser()
+    args = parser.parse_args(["--out", "unused", "--envs", "2,8", "--envs_per_step", "4", "--seeds", "0"])
+    specs = env_count.specs_of(args, parser, runs.run_options(parser, args))
+    groups = {spec.labels["envs"]: spec.flags()[0]["envs_per_step"] for spec in specs}
+    assert groups == {2: "2", 8: "4"}
+    args = parser.parse_args(["--out", "unused", "--envs", "2,8", "--seeds", "0"])
+    assert all("--envs_per_step" not in spec.argv for spec in env_count.specs_of(args, parser, runs.run_options(
+        parser, args)))  # by default every step combines all D, and the runs' flags are those of earlier sweeps
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--envs", "3"], "do not divide"),
+    (["--envs", "8,32", "--envs_per_step", "3"], "--envs_per_step 3 does not divide 8 environments"),
     (["--methods", "no_such_rule"], "the sweep engine refused the runs"),
     (["--method_flags", "irm=--lr 1"], "NAME one of --methods"),
     (["--seeds", "0,x"], "comma-separated integers"),

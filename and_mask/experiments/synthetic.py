@@ -67,7 +67,10 @@ class Protocol:
     """Defaults of one protocol; None-valued flags take these."""
 
     examples_per_env: int
-    n_envs: int  # training environments, all combined at every step
+    n_envs: int  # training environments D
+    # Environments combined per step, G: min(envs_per_step, D); None: all D (gen_mask) or, in and_mask,
+    # the original code's --n_agreement_envs default, n_envs.
+    envs_per_step: int | None
     n_dims: int
     signature_std: float
     batch_size: int  # examples per environment per step
@@ -78,8 +81,10 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "original": Protocol(1024, 16, 8, 1.0, 256, original_epochs, original_milestones, 1.0, 0.0),
-    "paper": Protocol(1280, 32, 32, math.sqrt(0.1), 128, paper_epochs, paper_milestones, 0.97, 0.60),
+    "original": Protocol(1024, 16, None, 8, 1.0, 256, original_epochs, original_milestones, 1.0, 0.0),
+    # G = 16: the only group size at which the paper's best AND-mask learns the spiral with D = 32, at
+    # the paper's epochs and at G = 32's number of steps (gen_mask/sweeps/group_size.toml).
+    "paper": Protocol(1280, 32, 16, 32, math.sqrt(0.1), 128, paper_epochs, paper_milestones, 0.97, 0.60),
 }
 
 
@@ -99,16 +104,16 @@ def add_flags(parser, package):
         group.add_argument("--n_train_envs", type=positive_int, default=None,
                            help="Training environments. Default: the protocol's (original 16, paper 32).")
         group.add_argument("--n_agreement_envs", "--envs_per_step", type=positive_int, default=None,
-                           help="Environments whose gradients are combined at each step; it divides --n_train_envs "
-                                "(1: each step's batch from one environment). "
-                                "Default: the protocol's (original 16, paper 32).")
+                           help="Environments whose gradients are combined at each step, a group of a random "
+                                "partition; it divides --n_train_envs (1: each step's batch from one environment). "
+                                "Default: the protocol's (original 16, paper min(16, --n_train_envs)).")
     else:
         group.add_argument("--n_envs", type=positive_int, default=None,
                            help="Training environments. Default: the protocol's (original 16, paper 32).")
         group.add_argument("--envs_per_step", type=positive_int, default=None,
                            help="Environments whose batches make one step, a group of a random partition of the "
                                 "environments (it divides --n_envs; 1: each step's batch from one environment). "
-                                "Default: all environments at every step.")
+                                "Default: the protocol's (original: all environments, paper: min(16, --n_envs)).")
     group.add_argument("--n_revolutions", type=positive_int, default=3, help="Turns of each spiral.")
     group.add_argument("--n_dims", type=positive_int, default=None,
                        help="Dimensions of the signature shortcut. Default: the protocol's (original 8, paper 32).")
@@ -159,12 +164,16 @@ def resolve_protocol(args):
     """
     args.protocol = getattr(args, "protocol", None) or "original"
     protocol = PROTOCOLS[args.protocol]
-    env_flags = ("n_envs",) if hasattr(args, "n_envs") else ("n_train_envs", "n_agreement_envs")
-    for name in env_flags:
-        if getattr(args, name, None) is None:
-            setattr(args, name, protocol.n_envs)
-    if hasattr(args, "n_envs") and getattr(args, "envs_per_step", None) is None:
-        args.envs_per_step = args.n_envs  # recorded in config.json: every step combines all environments
+    gen_mask = hasattr(args, "n_envs")
+    train_flag, group_flag = ("n_envs", "envs_per_step") if gen_mask else ("n_train_envs", "n_agreement_envs")
+    if getattr(args, train_flag, None) is None:
+        setattr(args, train_flag, protocol.n_envs)
+    if getattr(args, group_flag, None) is None:  # recorded in config.json, as every flag in effect
+        n_envs = getattr(args, train_flag)
+        if protocol.envs_per_step is not None:
+            setattr(args, group_flag, min(protocol.envs_per_step, n_envs))
+        else:
+            setattr(args, group_flag, n_envs if gen_mask else protocol.n_envs)
     for name in ("examples_per_env", "n_dims", "signature_std", "batch_size", "stop_train_acc_above",
                  "stop_test_acc_below"):
         if getattr(args, name, None) is None:

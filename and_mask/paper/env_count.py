@@ -56,8 +56,7 @@ def specs_of(args, parser, options) -> list[RunSpec]:
                 argv = [*BASE_FLAGS, "--method", method, "--n_envs", str(d),
                         "--examples_per_env", str(args.total_examples // d),
                         "--batch_size", str(args.examples_per_step // d), "--epochs", str(args.epochs),
-                        *(["--envs_per_step", str(group_size(args, d))] if args.envs_per_step else []),
-                        "--seed", str(seed), *options.flags(method)]
+                        "--envs_per_step", str(group_size(args, d)), "--seed", str(seed), *options.flags(method)]
                 specs.append(RunSpec(f"{method}-envs{d}-seed{seed}", MODULE, tuple(argv),
                                      {"method": method, "envs": d, "seed": seed}))
     return specs
@@ -138,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--envs_per_step", type=positive_int, default=None,
                        help="Environments G whose batches make one step (a group of a fresh random partition, "
                             "G = min(G, D), dividing every D); the examples per step are then G/D of "
-                            "--examples_per_step. Default: all D at every step.")
+                            "--examples_per_step. Default: all D at every step (not the paper protocol's default "
+                            "G = min(16, D)).")
     group.add_argument("--success_acc", type=probability, default=0.9,
                        help="A method succeeds at D when its best test accuracy reaches this.")
     add_analysis_flags(parser, methods_default="mean,and_mask", seeds_default="0,1,2,3,4")

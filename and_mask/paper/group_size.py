@@ -133,10 +133,12 @@ def table(cells: dict, states: dict) -> str:
 
 def plot(cells: dict, args) -> list:
     fig, axes = figure(1, 2, "Final test accuracy against the group size G (D = 32)")
+    colours = {label: f"C{i}" for i, label in enumerate(sorted({k[1] for k in cells}))}  # one per method, both panels
     for ax, arm in zip(axes[0], ("epochs", "steps")):
         labels = sorted({k[1] for k in cells if k[0] == arm})
         sizes = sorted({k[2] for k in cells if k[0] == arm})
-        for colour, label in zip(("C0", "C1", "C2", "C3", "C4"), labels):
+        for label in labels:
+            colour = colours[label]
             gs = [g for g in sizes if (arm, label, g) in cells]
             finals = [list(cells[arm, label, g].final.values()) for g in gs]
             ax.errorbar(gs, [np.mean(f) for f in finals], yerr=[np.std(f, ddof=1) if len(f) > 1 else 0 for f in finals],

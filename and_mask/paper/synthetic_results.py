@@ -3,8 +3,9 @@
 python -m and_mask.paper.synthetic_results --out runs/paper_synthetic
 
 Every run is `gen_mask.run_synthetic --protocol paper --weight_decay 1e-4 --method M --seed S`
-(the sweep's task M-seedS in --out, resumed if interrupted): 32 environments × 1280 examples, 94
-epochs with the paper's learning-rate drops and early stop, and the paper's best setting of
+(the sweep's task M-seedS in --out, resumed if interrupted): 32 environments × 1280 examples, each
+step combining 16 of them (the protocol's default G; --run_flags="--envs_per_step 32" combines
+all), 94 epochs with the paper's learning-rate drops and early stop, and the paper's best setting of
 Appendix B.3.1 (256 units × 3 layers, batches of 128, Adam 1e-2, L2 1e-4; AND-mask and the
 geometric mean at the registry's τ = 1 with rescaling). Any method of the registry (or a
 baseline picked with --method) can be listed in --methods; --method_flags tunes one of them.

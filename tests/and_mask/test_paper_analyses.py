@@ -95,9 +95,9 @@ def test_env_count_steps_combine_groups_of_at_most_g_environments():
     specs = env_count.specs_of(args, parser, runs.run_options(parser, args))
     groups = {spec.labels["envs"]: spec.flags()[0]["envs_per_step"] for spec in specs}
     assert groups == {2: "2", 8: "4"}
-    args = parser.parse_args(["--out", "unused", "--envs", "2,8", "--seeds", "0"])
-    assert all("--envs_per_step" not in spec.argv for spec in env_count.specs_of(args, parser, runs.run_options(
-        parser, args)))  # by default every step combines all D, and the runs' flags are those of earlier sweeps
+    args = parser.parse_args(["--out", "unused", "--envs", "2,64", "--seeds", "0"])
+    specs = env_count.specs_of(args, parser, runs.run_options(parser, args))
+    assert {spec.labels["envs"]: spec.flags()[0]["envs_per_step"] for spec in specs} == {2: "2", 64: "64"}  # all D
 
 
 @pytest.mark.parametrize("bad, message", [

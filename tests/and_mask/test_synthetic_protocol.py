@@ -19,7 +19,7 @@ AND_MASK = ["--method", "and_mask", "--agreement_threshold", "0.5", "--scale_gra
 # The original code's defaults for run_synthetic; --protocol original must keep every one of them.
 ORIGINAL = dict(examples_per_env=1024, n_train_envs=16, n_agreement_envs=16, n_dims=8, signature_std=1.0,
                 batch_size=256, epochs=150, lr_milestones=[112], stop_train_acc_above=1.0, stop_test_acc_below=0.0)
-PAPER = dict(examples_per_env=1280, n_train_envs=32, n_agreement_envs=32, n_dims=32, signature_std=math.sqrt(0.1),
+PAPER = dict(examples_per_env=1280, n_train_envs=32, n_agreement_envs=16, n_dims=32, signature_std=math.sqrt(0.1),
              batch_size=128, epochs=94, lr_milestones=[47, 70], stop_train_acc_above=0.97, stop_test_acc_below=0.6)
 
 
@@ -52,6 +52,10 @@ def test_paper_protocol_values_and_explicit_flags_override_them():
     flags = effective(gen_mask_synthetic, ["--method", "mean", "--protocol", "paper", "--n_envs", "64",
                                          "--lr_milestones", "30,5"])
     assert flags["epochs"] == math.ceil(3000 / 64) == 47 and flags["lr_milestones"] == [5, 30]
+    assert flags["envs_per_step"] == 16  # the paper protocol's group size G = min(16, D)
+    assert effective(gen_mask_synthetic, ["--method", "mean", "--protocol", "paper", "--n_envs", "8"])["envs_per_step"] == 8
+    assert effective(gen_mask_synthetic, ["--method", "mean", "--protocol", "paper", "--envs_per_step", "32"])[
+        "envs_per_step"] == 32  # the reading in which every step combines all 32
 
 
 @pytest.mark.parametrize("bad, message", [

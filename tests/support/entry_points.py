@@ -14,6 +14,7 @@ ENTRY_POINTS = (
     "and_mask.summarize",
     "and_mask.paper.masked_noise",
     "and_mask.paper.env_count",
+    "and_mask.paper.group_size",
     "and_mask.paper.synthetic_results",
     "and_mask.paper.memorization",
     "and_mask.paper.label_noise",

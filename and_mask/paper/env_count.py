@@ -13,6 +13,11 @@ number of steps and the budget are the same for every D. With --envs_per_step G 
 a group of min(G, D) environments instead (drawn as `--envs_per_step` draws them), so at D > G the
 steps are D/G times more and smaller.
 
+At the paper's scale instead (--examples_per_env N, "the same experimental condition as in the
+main paper"): D environments of N examples each (1280 in the paper), batches of the protocol's 128
+per environment, ⌈3000/D⌉ epochs (the protocol's, unless --epochs), so every run sees about
+3000·N training examples whatever D; the data set grows with D.
+
 Table and figure: per method and D, the final test accuracy (mean ± std over seeds) and, as in
 Fig. 15, the best over seeds of the highest test accuracy any evaluation reached.
 """
@@ -39,13 +44,34 @@ def group_size(args, d: int) -> int:
     return d if args.envs_per_step is None else min(args.envs_per_step, d)
 
 
-def specs_of(args, parser, options) -> list[RunSpec]:
+def resolve_design(args, parser):
+    """Fill the design flags not given: a fixed total of examples, or the paper's scale with --examples_per_env."""
+    if args.examples_per_env is not None:
+        if args.total_examples is not None or args.examples_per_step is not None:
+            parser.error("--examples_per_env (the paper's scale) excludes --total_examples and --examples_per_step")
+        return
+    args.total_examples = args.total_examples or 40960
+    args.examples_per_step = args.examples_per_step or 4096
+    args.epochs = args.epochs or 94
     for d in args.envs:
         if args.total_examples % d or args.examples_per_step % d:
             parser.error(f"{d} environments do not divide --total_examples ({args.total_examples}) and "
                          f"--examples_per_step ({args.examples_per_step})")
     if args.examples_per_step > args.total_examples:
         parser.error("--examples_per_step exceeds --total_examples")
+
+
+def design_flags(args, d: int) -> list[str]:
+    """The data and schedule flags of the runs at D = d."""
+    if args.examples_per_env is not None:  # the protocol's batch size and ⌈3000/D⌉ epochs unless --epochs
+        return ["--examples_per_env", str(args.examples_per_env), *(["--epochs", str(args.epochs)] if args.epochs
+                                                                    else [])]
+    return ["--examples_per_env", str(args.total_examples // d), "--batch_size", str(args.examples_per_step // d),
+            "--epochs", str(args.epochs)]
+
+
+def specs_of(args, parser, options) -> list[RunSpec]:
+    resolve_design(args, parser)
     for d in args.envs:
         if d % group_size(args, d):
             parser.error(f"--envs_per_step {args.envs_per_step} does not divide {d} environments")
@@ -53,9 +79,7 @@ def specs_of(args, parser, options) -> list[RunSpec]:
     for method in options.methods:
         for d in args.envs:
             for seed in options.seeds:
-                argv = [*BASE_FLAGS, "--method", method, "--n_envs", str(d),
-                        "--examples_per_env", str(args.total_examples // d),
-                        "--batch_size", str(args.examples_per_step // d), "--epochs", str(args.epochs),
+                argv = [*BASE_FLAGS, "--method", method, "--n_envs", str(d), *design_flags(args, d),
                         "--envs_per_step", str(group_size(args, d)), "--seed", str(seed), *options.flags(method)]
                 specs.append(RunSpec(f"{method}-envs{d}-seed{seed}", MODULE, tuple(argv),
                                      {"method": method, "envs": d, "seed": seed}))
@@ -81,8 +105,13 @@ def summarise(results, methods, envs, success: float):
 
 
 def table(cells, first, methods, envs, args) -> str:
-    lines = [f"Test accuracy (%) against the number of training environments D: {args.total_examples} training "
-             f"examples split into D environments, {args.examples_per_step} examples per step, {args.epochs} epochs"
+    if args.examples_per_env is not None:
+        design = (f"D environments of {args.examples_per_env} examples each, 128 per environment per step, "
+                  + (f"{args.epochs} epochs" if args.epochs else "⌈3000/D⌉ epochs"))
+    else:
+        design = (f"{args.total_examples} training examples split into D environments, {args.examples_per_step} "
+                  f"examples per step, {args.epochs} epochs")
+    lines = [f"Test accuracy (%) against the number of training environments D: {design}"
              + (f", steps combining min({args.envs_per_step}, D) environments." if args.envs_per_step else "."),
              "final: mean ± std over seeds (n); best: the best over seeds of the highest test accuracy of any "
              "evaluation (Fig. 15); stopped: runs ended by the early stop.", "",
@@ -90,7 +119,7 @@ def table(cells, first, methods, envs, args) -> str:
                                                          for m in methods) + " |",
              "|---" * (2 + 3 * len(methods)) + "|"]
     for d in envs:
-        row = [str(d), str(args.total_examples // d)]
+        row = [str(d), str(args.examples_per_env or args.total_examples // d)]
         for m in methods:
             cell = cells.get((m, d))
             row += ([mean_std(cell["final"]) + f" ({len(cell['final'])})", f"{100 * max(cell['best']):.1f}",
@@ -130,10 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("design")
     group.add_argument("--envs", type=positive_list(positive_int, "numbers of environments"), default=FIG15_ENVS,
                        help="Comma-separated numbers of training environments D; each divides the two sizes below.")
-    group.add_argument("--total_examples", type=positive_int, default=40960, help="Training examples, split into D.")
-    group.add_argument("--examples_per_step", type=positive_int, default=4096,
-                       help="Examples per step, examples_per_step/D from each environment.")
-    group.add_argument("--epochs", type=positive_int, default=94, help="Training epochs of every run.")
+    group.add_argument("--total_examples", type=positive_int, default=None,
+                       help="Training examples, split into D. Default: 40960 (unless --examples_per_env).")
+    group.add_argument("--examples_per_step", type=positive_int, default=None,
+                       help="Examples per step, examples_per_step/D from each environment. Default: 4096 (unless "
+                            "--examples_per_env).")
+    group.add_argument("--examples_per_env", type=positive_int, default=None,
+                       help="The paper's scale: D environments of this many examples each (the paper: 1280), the "
+                            "protocol's batches of 128 per environment and ⌈3000/D⌉ epochs. Default: a fixed total.")
+    group.add_argument("--epochs", type=positive_int, default=None,
+                       help="Training epochs of every run. Default: 94 at a fixed total, ⌈3000/D⌉ at the paper's "
+                            "scale.")
     group.add_argument("--envs_per_step", type=positive_int, default=None,
                        help="Environments G whose batches make one step (a group of a fresh random partition, "
                             "G = min(G, D), dividing every D); the examples per step are then G/D of "

@@ -100,8 +100,19 @@ def test_env_count_steps_combine_groups_of_at_most_g_environments():
     assert {spec.labels["envs"]: spec.flags()[0]["envs_per_step"] for spec in specs} == {2: "2", 64: "64"}  # all D
 
 
+def test_env_count_at_the_paper_scale_keeps_the_environments_and_the_protocol_s_epochs():
+    parser = env_count.build_parser()
+    args = parser.parse_args(["--out", "unused", "--envs", "2,1024", "--examples_per_env", "1280", "--seeds", "0"])
+    flags = {spec.labels["envs"]: spec.flags()[0] for spec in env_count.specs_of(args, parser, runs.run_options(
+        parser, args))}
+    assert {d: (f["examples_per_env"], f["n_envs"]) for d, f in flags.items()} == {2: ("1280", "2"),
+                                                                                 1024: ("1280", "1024")}
+    assert not any("epochs" in f or "batch_size" in f for f in flags.values())  # the protocol's: ⌈3000/D⌉, 128
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--envs", "3"], "do not divide"),
+    (["--examples_per_env", "1280", "--total_examples", "4096"], "excludes --total_examples"),
     (["--envs", "8,32", "--envs_per_step", "3"], "--envs_per_step 3 does not divide 8 environments"),
     (["--methods", "no_such_rule"], "the sweep engine refused the runs"),
     (["--method_flags", "irm=--lr 1"], "NAME one of --methods"),

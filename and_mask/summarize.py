@@ -16,14 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from and_mask.core.collect import Metric, flags_text, run_groups, stat
+from and_mask.core.collect import INCONSISTENCY, Metric, flags_text, run_groups, stat
 from and_mask.core.flags import entry_parser
 from and_mask.core.runfolder import CONFIG
 from and_mask.core.runsets import find_runs, load_runs, varying
 from and_mask.experiments.saved import entry_defaults
 
 DENSITY = "mask density"
-INCONSISTENCY = "inconsistency I^ε ≥"  # a lower bound (and_mask.core.consistency)
 
 
 def mean_std(values, scale=100.0, digits=1):

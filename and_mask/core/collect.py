@@ -43,6 +43,11 @@ OUTCOMES = ("finished", "failed", "unfinished", "running")
 OUTCOME_OF_STATE = {"finished": "finished", "failed": "failed", "running": "running", "interrupted": "unfinished",
                     "unfinished": "unfinished", "empty": "unfinished"}
 
+# The column of the lower bound on I^ε (and_mask.core.consistency): its search finds larger values
+# the longer it runs (a fourfold budget gave 40 times the bound on one averaging run), so the
+# number is not a ranking of minima, and the column says so.
+INCONSISTENCY = "I^ε ≥ (undetermined: grows with the search budget)"
+
 
 @dataclass(frozen=True)
 class Stat:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from and_mask.core.collect import (
     CONFIDENCE,
+    INCONSISTENCY,
     OUTCOMES,
     REFERENCE_METHODS,
     SELECTIONS,
@@ -130,7 +131,7 @@ def task_markdown(result: TaskResult, selection: str) -> str:
                       f"({how}); the oracle columns choose by {metric.name} itself, for reference only.")
         header += ([f"{reads} (selection)"] if reads else []) + ["oracle: setting", f"oracle: {metric.label()}",
                                                                  "settings"]
-    header += [RUNS_HEADER, f"s/{result.seconds_unit}"] + (["inconsistency I^ε ≥"] if inconsistency else [])
+    header += [RUNS_HEADER, f"s/{result.seconds_unit}"] + ([INCONSISTENCY] if inconsistency else [])
     lines += ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     rank = 0
     for method, group, oracle, candidates in reported(result, selection):

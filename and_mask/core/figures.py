@@ -129,6 +129,15 @@ class FigureFolder:
         self.written.append(path)
         return path
 
+    def publish(self, text: str, name: str, figures: list[Path]) -> None:
+        """The end of a command that writes a table: save `text` as `name`.md, `finish`, then print the
+        table and the paths of the figures and the table."""
+        paths = [*figures, self.save_text(text, name)]
+        self.finish()
+        print(text)
+        for path in paths:
+            print(path)
+
     def finish(self):
         """Remove the files of the claimed names that this command did not write."""
         stale = [self.out / (name + ext) for name in self.names for ext in EXTENSIONS]

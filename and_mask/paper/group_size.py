@@ -167,11 +167,7 @@ def main(argv=None):
     claimed = claim_figures(args, "and_mask.paper.group_size", ["group_size"])
     cells, states = read_study(args.folder)
     text = table(cells, states)
-    paths = plot(cells, args) + [claimed.save_text(text, "group_size")]
-    claimed.finish()
-    print(text)
-    for path in paths:
-        print(path)
+    claimed.publish(text, "group_size", plot(cells, args))
     return cells
 
 

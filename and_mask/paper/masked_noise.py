@@ -175,11 +175,7 @@ def main(argv=None) -> list[dict]:
     figures = claim_figures(args, "and_mask.paper.masked_noise", ["masked_noise"])
     rows = analyse(args.n_params, args.envs, args.agreement_fraction, args.sigma, args.repeats, args.seed)
     text = table(rows, args.n_params, args.agreement_fraction, args.sigma, args.repeats)
-    paths = plot(rows, args) + [figures.save_text(text, "masked_noise")]
-    figures.finish()
-    print(text)
-    for path in paths:
-        print(path)
+    figures.publish(text, "masked_noise", plot(rows, args))
     return rows
 
 

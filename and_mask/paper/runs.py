@@ -200,8 +200,8 @@ def analyse(parser, args, specs, name, report, figures=("accuracy",)):
     `report(results)` gets the finished runs (`collect`) and returns (Markdown text, figure
     paths, value); the figures are those named in `figures`, claimed in --out before any run
     starts (`and_mask.core.figures.claim_figures`: another command's figures are not replaced
-    without --overwrite). The text is written to --out/NAME.md and printed with the failures and
-    paths, and the value returned (None after a dry run).
+    without --overwrite). The text is written to --out/NAME.md and printed with the paths, then
+    the failures, and the value returned (None after a dry run).
     """
     claimed = None if args.dry_run else claim_figures(args, f"and_mask.paper.{name}", [*figures, name])
     launch(parser, specs, args.out, args.dry_run, args.workers)
@@ -209,13 +209,9 @@ def analyse(parser, args, specs, name, report, figures=("accuracy",)):
         return None
     results, failures = collect(specs, args.out)
     text, drawn, value = report(results)
-    paths = drawn + [claimed.save_text(text, name)]
-    claimed.finish()
-    print(text)
+    claimed.publish(text, name, drawn)
     for line in failures:
         print(f"failed: {line}")
-    for path in paths:
-        print(path)
     return value
 
 

@@ -185,11 +185,13 @@ def resolve_protocol(args):
 
 
 def check(args, parser):
+    names = ("--n_envs", "--envs_per_step") if hasattr(args, "n_envs") else ("--n_train_envs", "--n_agreement_envs")
+    group_given = getattr(args, names[1][2:], None) is not None
     resolve_protocol(args)
     n_train, n_agree = env_counts(args)
     if n_train % n_agree:
-        names = ("--n_envs", "--envs_per_step") if hasattr(args, "n_envs") else ("--n_train_envs", "--n_agreement_envs")
-        parser.error(f"{names[0]} ({n_train}) must be a multiple of {names[1]} ({n_agree})")
+        default = "" if group_given else f", the --protocol {args.protocol} default; give {names[1]}"
+        parser.error(f"{names[0]} ({n_train}) must be a multiple of {names[1]} ({n_agree}{default})")
     if args.seed + n_train - 1 > MAX_SEED:
         parser.error(f"--seed {args.seed} is too large: environment e draws its data with seed + e, and "
                      f"seed + {n_train - 1} exceeds numpy's largest seed {MAX_SEED}")

@@ -59,6 +59,9 @@ def test_paper_protocol_values_and_explicit_flags_override_them():
 
 
 @pytest.mark.parametrize("bad, message", [
+    (["--n_train_envs", "24"], "--n_train_envs (24) must be a multiple of --n_agreement_envs (16, the --protocol "
+                               "paper default; give --n_agreement_envs)"),
+    (["--n_train_envs", "24", "--n_agreement_envs", "16"], "must be a multiple of --n_agreement_envs (16)"),
     (["--lr_milestones", "94"], "must be below --epochs (94)"),
     (["--lr_milestones", "0"], "expected comma-separated positive epochs, got 0"),
     (["--lr_milestones", "1,x"], "expected comma-separated positive epochs, got 1,x"),

@@ -72,7 +72,11 @@ def with_combiners(raw: dict, only: list[str] | None = None) -> dict:
         not_run = {m: why for m, why in {**unsupported, **not_run}.items() if only is None or m in only}
         if not methods:
             raise RunError(f"task {table.get('name')}: none of {', '.join(only or [])} runs on it")
-        tasks.append({**table, "grid": {**table.get("grid", {}), flag: methods}, "not_run": not_run})
+        table = {**table, "grid": {**table.get("grid", {}), flag: methods}, "not_run": not_run}
+        if flag in table.get("seeds_for", {}):  # fewer seeds for some methods: those that run
+            table["seeds_for"] = {**table["seeds_for"],
+                                  flag: {m: s for m, s in table["seeds_for"][flag].items() if m in methods}}
+        tasks.append(table)
     return {**raw, "task": tasks}
 
 

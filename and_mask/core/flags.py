@@ -131,11 +131,18 @@ def positive_list(cast, what):
     return parse
 
 
+def lr_milestones(text):
+    """argparse type of --lr_milestones: sorted epochs, or `none` (an empty tuple: a constant learning rate)."""
+    if text == "none":
+        return ()
+    return positive_list(positive_int, "positive epochs or none")(text)
+
+
 def add_lr_milestones_flag(group, none_means: str):
     """--lr_milestones: epochs after which the learning rate is multiplied by 0.1; `none_means` says what None does."""
-    group.add_argument("--lr_milestones", type=positive_list(positive_int, "positive epochs"), default=None,
+    group.add_argument("--lr_milestones", type=lr_milestones, default=None,
                        help="Comma-separated epochs after which the learning rate is multiplied by 0.1, each below "
-                            f"--epochs. Default: {none_means}")
+                            f"--epochs; none keeps it constant. Default: {none_means}")
 
 
 def check_lr_milestones(parser, args):

@@ -83,8 +83,11 @@ def number_flags(flags: dict) -> dict:
 
 
 def as_typed(value) -> str:
-    """A flag's value as typed on the command line: a list (e.g. --lr_milestones) comma-separated."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    """A flag's value as typed on the command line: a list (e.g. --lr_milestones) comma-separated, an
+    empty one as `none`."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def differing_number_flags(old: dict, new: dict) -> list[str]:

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import MultiStepLR
 
+from and_mask.core.errors import RunError
 from and_mask.core.flags import (
+    add_lr_milestones_flag,
+    check_lr_milestones,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -55,7 +58,9 @@ def add_flags(parser, package):
     group.add_argument("--num_workers", type=non_negative_int, default=1,
                        help="Data-loading worker processes (0: load in the main process).")
     group.add_argument("--init_lr", type=positive_float, required=True,
-                       help="Adam's learning rate, multiplied by 0.1 after 3/4 of all iterations.")
+                       help="Adam's learning rate at the start (see --lr_milestones).")
+    add_lr_milestones_flag(group, "the protocol's: original after 3/4 of all iterations, as in the original code; "
+                                  "irm none, as in the IRM authors' script.")
     group.add_argument("--weight_decay", type=non_negative_float, required=True,
                        help="Weight decay coefficient wd, applied as --weight_decay_order says.")
     add_optimizer_flags(group, "adam_flexible_weight_decay")
@@ -65,6 +70,11 @@ def add_flags(parser, package):
                        help="Share in [0, 1) of each training colour environment held out from training as the "
                             "validation set `val` (evaluated every epoch, for model selection that never looks at "
                             "the test environment); 0 holds out nothing and leaves every draw as it was.")
+    group.add_argument("--train_subset", type=positive_int, default=None,
+                       help="Train on the first N examples of each training colour environment (after --holdout_fraction "
+                            "takes its share; they come in the environment's random order). Default: all.")
+    group.add_argument("--test_subset", type=positive_int, default=None,
+                       help="Evaluate on the first N examples of the test environment. Default: all.")
     group.add_argument("--batch_size", type=positive_int, default=100,
                        help="Examples per step (--agreement_envs example) or per colour environment per step (color).")
     group.add_argument("--envs_per_step", type=int, choices=[1, 2], default=None,
@@ -97,6 +107,9 @@ def check(args, parser):
     if args.envs_per_step is not None and args.agreement_envs == "example":
         parser.error("--envs_per_step needs --agreement_envs color: with example environments every example is an "
                      "environment")
+    if args.lr_milestones is None and args.protocol == "irm":
+        args.lr_milestones = ()
+    check_lr_milestones(parser, args)
     check_optimizer_flags(args, parser)
 
 
@@ -130,6 +143,16 @@ def holdout_split(train_envs: torch.Tensor, fraction: float, seed: int):
     return torch.from_numpy(np.setdiff1d(np.arange(len(train_envs)), held.numpy())), held
 
 
+def first_of_each_env(kept: torch.Tensor, train_envs: torch.Tensor, n: int) -> torch.Tensor:
+    """The sorted positions of `kept` that are among the first n of their environment."""
+    kept_envs = train_envs[kept]
+    rank = torch.zeros_like(kept)
+    for env in (0, 1):
+        in_env = kept_envs == env
+        rank[in_env] = torch.arange(int(in_env.sum()))
+    return kept[rank < n]
+
+
 def build(args, device) -> TrainSetup:
     tensors = prepared(args.dataset, args.protocol, args.seed, args.data_path)
     envs, labels = tensors["envs"], tensors["labels"]
@@ -143,6 +166,14 @@ def build(args, device) -> TrainSetup:
     data = ColoredImages(tensors["images"], tensors["colors"], labels, args.protocol)
 
     kept, held = holdout_split(envs[train_idx], args.holdout_fraction, args.seed)
+    if args.train_subset is not None:
+        kept = first_of_each_env(kept, envs[train_idx], args.train_subset)
+        per_step = args.train_subset * (1 if args.agreement_envs == "color" else 2)
+        if args.batch_size > per_step:
+            raise RunError(f"--batch_size ({args.batch_size}) exceeds the {per_step} training examples that "
+                           f"--train_subset {args.train_subset} leaves "
+                           + ("in each colour environment" if args.agreement_envs == "color" else "in all"))
+    test_idx = test_idx[:args.test_subset]
     train_set = data.subset(train_idx[kept])
     env_sets = [data.subset(train_idx[kept][envs[train_idx[kept]] == e]) for e in (0, 1)]
     eval_loaders = {"train_eval": batch_loader(train_set, 1000, train=False)}
@@ -166,7 +197,11 @@ def build(args, device) -> TrainSetup:
     model = MLP(PROTOCOLS[args.protocol].n_inputs, args.n_hidden_units, args.n_hidden_layers, args.n_outputs,
                 bool(args.batch_norm), args.dropout_p).to(device)
     optimizer = make_optimizer(args, model.parameters(), args.init_lr, args.weight_decay)
-    scheduler = MultiStepLR(optimizer, milestones=[3 * args.epochs * steps // 4], gamma=0.1)
+    # Stepped once per iteration: the learning rate drops after 3/4 of all iterations (None), or after
+    # each epoch of --lr_milestones.
+    milestones = ([3 * args.epochs * steps // 4] if args.lr_milestones is None
+                  else [m * steps for m in args.lr_milestones])
+    scheduler = MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     return TrainSetup(model=model, optimizer=optimizer, loss_fn=loss_for(args.n_outputs), train_batches=train_batches,
                       eval_loaders=eval_loaders, epochs=args.epochs, scheduler=scheduler, scheduler_interval="step",
                       steps_per_epoch=steps, env_loaders=env_loaders)

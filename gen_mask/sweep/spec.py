@@ -56,7 +56,7 @@ from and_mask.core.errors import RunError
 DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "choice")
 REPORT_KEYS = {"metric": str, "higher_is_better": bool, "validation": str, "search": list, "not_run": dict}
 SHARED_KEYS = {"module", "seeds", "flags", "grid", "random", *REPORT_KEYS}
-TASK_KEYS = {"name", *SHARED_KEYS}
+TASK_KEYS = {"name", "seeds_for", *SHARED_KEYS}
 # Flags set by the launcher or that do not change a run's numbers; with the path flags, not hashed.
 NOT_HASHED = {"output_dir", "out", "resume", "overwrite", "quiet"}
 PATH_SUFFIXES = ("_dir", "_path", "_root")
@@ -76,10 +76,16 @@ class Task:
     grid: dict = field(default_factory=dict)
     random: dict = field(default_factory=dict)  # {"n": draws, "seed": s, flag: {kind: args}}
     report: dict = field(default_factory=dict)  # the REPORT_KEYS given: how collect reports the task
+    seeds_for: dict = field(default_factory=dict)  # {grid flag: {value: seeds}}: fewer seeds for those runs
 
     def to_json(self) -> dict:
         return {"name": self.name, "module": self.module, "seeds": self.seeds, "flags": self.flags,
-                "grid": self.grid, "random": self.random, "report": self.report}
+                "grid": self.grid, "random": self.random, "report": self.report, "seeds_for": self.seeds_for}
+
+    def runs_seed(self, grid: dict, seed: int) -> bool:
+        """Whether the grid point `grid` runs with `seed`: every seed, unless [seeds_for] lists fewer."""
+        return all(seed in self.seeds_for[flag].get(value, self.seeds) for flag, value in grid.items()
+                   if flag in self.seeds_for)
 
 
 @dataclass
@@ -238,7 +244,29 @@ def _task(where: str, table: dict, defaults: dict) -> Task:
             _fail(where, f"{', '.join(sorted(both))} is both in [{a}] and [{b}]")
     random_table = {"n": draws, "seed": random_seed, **search} if search else {}
     report = _report(where, {key: table.get(key, defaults.get(key)) for key in REPORT_KEYS}, grid, search)
-    return Task(name=name, module=module, seeds=seeds, flags=flags, grid=grid, random=random_table, report=report)
+    seeds_for = _seeds_for(where, table.get("seeds_for", {}), grid, seeds)
+    return Task(name=name, module=module, seeds=seeds, flags=flags, grid=grid, random=random_table, report=report,
+                seeds_for=seeds_for)
+
+
+def _seeds_for(where, table, grid: dict, seeds: list) -> dict:
+    """[seeds_for.FLAG] VALUE = seeds: the runs whose grid flag FLAG is VALUE take only these seeds
+    (of the task's), e.g. a costly method run once; checked against the grid and the seeds."""
+    if not isinstance(table, dict):
+        _fail(where, "`seeds_for` must be a table of [seeds_for.FLAG] tables")
+    checked = {}
+    for flag, values in table.items():
+        if flag not in grid or not isinstance(values, dict):
+            _fail(where, f"seeds_for.{flag} must be a table of values of a flag that [grid] varies")
+        for value, value_seeds in values.items():
+            if value not in map(str, grid[flag]):
+                _fail(where, f"seeds_for.{flag}.{value}: {value} is not one of grid.{flag}")
+            value_seeds = _seeds(f"{where}: seeds_for.{flag}.{value}", value_seeds)
+            if not set(value_seeds) <= set(seeds):
+                _fail(where, f"seeds_for.{flag}.{value} = {value_seeds} is not a subset of the task's seeds {seeds}")
+        checked[flag] = {next(v for v in grid[flag] if str(v) == value): _seeds(where, value_seeds)
+                         for value, value_seeds in values.items()}
+    return checked
 
 
 def _report(where: str, given: dict, grid: dict, search: dict) -> dict:
@@ -316,6 +344,8 @@ def expand_task(task: Task) -> list[PlannedRun]:
     for seed in task.seeds:
         for point in points:
             grid = dict(zip(task.grid, point))
+            if not task.runs_seed(grid, seed):
+                continue
             for index in draws:
                 drawn = {name: draw(spec, task.random["seed"], name, index) for name, spec in search.items()}
                 flags = {**task.flags, **grid, **drawn, "seed": seed}

@@ -96,7 +96,7 @@ def test_lr_milestones_drop_the_learning_rate_after_those_epochs(data_path, tmp_
     assert read_config(tmp_path)["flags"]["lr_milestones"] == [1, 2]
 
 
-@pytest.mark.parametrize("milestones, message", [("3", "must be below --epochs (3)"), ("0", "positive epochs, got 0"),
+@pytest.mark.parametrize("milestones, message", [("3", "must be below --epochs (3)"), ("0", "positive epochs or none, got 0"),
                                                   ("1.5", "comma-separated positive epochs")])
 def test_bad_lr_milestones_are_argparse_errors(tmp_path, milestones, message, capsys):
     argv = and_mask_argv(tmp_path, tmp_path / "run", "--epochs", "3", "--lr_milestones", milestones)

@@ -228,3 +228,73 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     assert message.startswith("error: mnist not found") and "train-images-idx3-ubyte" in message
     assert "\n" not in message
 
+
+
+def learning_rates(setup):
+    """The learning rate at each step of the run, stepping the optimiser without gradients (nothing moves)."""
+    lrs = []
+    for _ in range(setup.epochs * setup.steps_per_epoch):
+        lrs.append(setup.optimizer.param_groups[0]["lr"])
+        setup.optimizer.step()
+        setup.scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("protocol, extra, drops_at", [
+    ("original", [], "3/4"),                       # the original code: ×0.1 after 3/4 of all iterations
+    ("irm", [], None),                             # the IRM authors' script: a constant rate
+    ("original", ["--lr_milestones", "none"], None),
+    ("irm", ["--lr_milestones", "2"], "epoch 2"),
+])
+def test_learning_rate_schedule_follows_the_protocol(data_root, tmp_path, protocol, extra, drops_at):
+    args = parse("gen_mask", base_flags(data_root, tmp_path, "--method", "mean", "--protocol", protocol,
+                                        "--batch_size", "50", "--epochs", "3", *extra))
+    setup = colored_mnist.build(args, torch.device("cpu"))
+    lrs = learning_rates(setup)
+    total, steps = len(lrs), setup.steps_per_epoch
+    drop = {"3/4": 3 * total // 4, "epoch 2": 2 * steps, None: total}[drops_at]
+    assert lrs == pytest.approx([0.01] * drop + [0.001] * (total - drop))
+    assert args.lr_milestones == {"3/4": None, "epoch 2": [2], None: []}[drops_at]
+
+
+def test_an_irm_protocol_run_made_with_the_old_drop_is_not_resumed(data_root, tmp_path, capsys):
+    """A run whose config.json predates --lr_milestones had the drop at 3/4: the new default differs."""
+    argv = base_flags(data_root, tmp_path, "--method", "mean", "--protocol", "irm", "--agreement_envs", "color",
+                      "--epochs", "1", "--batch_size", "100", "--quiet", "--n_hidden_layers", "1",
+                      "--n_hidden_units", "8")
+    cli.main(colored_mnist, GEN_MASK_FLAGS, "gen_mask", argv)
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["flags"]["lr_milestones"] == []
+    del config["flags"]["lr_milestones"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(colored_mnist, GEN_MASK_FLAGS, "gen_mask", [*argv, "--resume"])
+    assert "--resume refused" in str(exit_info.value.code) and "--lr_milestones none" in str(exit_info.value.code)
+
+
+def test_train_and_test_subsets_keep_the_first_examples_of_each_environment(data_root, tmp_path):
+    full = colored_mnist.build(parse("gen_mask", base_flags(data_root, tmp_path, "--method", "mean", "--agreement_envs",
+                                                            "color", "--batch_size", "10")), torch.device("cpu"))
+    args = parse("gen_mask", base_flags(data_root, tmp_path, "--method", "mean", "--agreement_envs", "color",
+                                        "--batch_size", "10", "--train_subset", "30", "--test_subset", "20",
+                                        "--random_labels_fraction", "0.5"))
+    setup = colored_mnist.build(args, torch.device("cpu"))
+    for small, whole in zip(setup.env_loaders, full.env_loaders):
+        assert torch.equal(small.dataset.rows, whole.dataset.rows[:30])
+    assert torch.equal(setup.eval_loaders["test"].dataset.rows, full.eval_loaders["test"].dataset.rows[:20])
+    assert len(setup.eval_loaders["train_eval"].dataset) == 60 and setup.steps_per_epoch == 3
+    # the relabelled set holds the kept examples given random labels, and only those
+    relabelled = set(setup.eval_loaders["relabelled"].dataset.rows.tolist())
+    assert relabelled and relabelled <= set(setup.eval_loaders["train_eval"].dataset.rows.tolist())
+
+
+@pytest.mark.parametrize("envs, batch, message", [("color", "31", "exceeds the 30 training examples that "
+                                                   "--train_subset 30 leaves in each colour environment"),
+                                                  ("example", "61", "exceeds the 60 training examples")])
+def test_a_batch_larger_than_the_subset_is_refused(data_root, tmp_path, envs, batch, message):
+    argv = base_flags(data_root, tmp_path, "--method", "mean", "--agreement_envs", envs, "--batch_size", batch,
+                      "--train_subset", "30", "--quiet")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(colored_mnist, GEN_MASK_FLAGS, "gen_mask", argv)
+    assert message in str(exit_info.value.code)

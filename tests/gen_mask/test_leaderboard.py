@@ -64,6 +64,15 @@ def leaderboard(tmp_path, *args):
                           capture_output=True, text=True, timeout=600)
 
 
+def task_key(module: str, flags: dict) -> str:
+    """Which task of the quick budget a run belongs to, from its module and flags."""
+    if module == "gen_mask.run_erm_irm":
+        return flags["dataset"]
+    if module == "gen_mask.run_colored_mnist":
+        return f"{module}:{flags['agreement_envs']}"
+    return module
+
+
 def test_dry_lists_every_combiner_and_the_plugin_on_every_task_and_seed(tmp_path):
     done = leaderboard(tmp_path, "--budget", "quick", "--launcher", "dry", "--out", str(tmp_path / "lb"))
     assert done.returncode == 0, done.stderr
@@ -71,23 +80,27 @@ def test_dry_lists_every_combiner_and_the_plugin_on_every_task_and_seed(tmp_path
     for line in done.stdout.splitlines():
         words = shlex.split(line)[3:] + ["--"]
         flags = {w: None if n.startswith("--") else n for w, n in zip(words, words[1:]) if w.startswith("--")}
-        words = shlex.split(line)
-        task = flags.get("--dataset", "") if words[2] == "gen_mask.run_erm_irm" else words[2]
+        task = task_key(shlex.split(line)[2], {k.removeprefix("--"): v for k, v in flags.items()})
         runs[(task, flags.get("--method", flags.get("--methods")), flags["--seed"])] += 1
     assert set(runs.values()) == {1}
     spec = tomllib.loads(BUDGETS["quick"].read_text())
     combiners = {*COMBINERS, "soft_and"}
     for table in spec["task"]:
         module = table["module"]
-        task = table["flags"]["dataset"] if module == "gen_mask.run_erm_irm" else module
+        task = task_key(module, table["flags"])
         methods = {m for (t, m, _) in runs if t == task}
-        expected = combiners - set(table.get("not_run", {})) | set(table.get("grid", {}).get("methods", []))
+        grid = table.get("grid", {})
+        expected = combiners - set(table.get("not_run", {})) | set(grid.get("methods", grid.get("method", [])))
         if module == "gen_mask.run_erm_irm":
             expected = expected - {"lookahead"} | {"erm", "irm"}
         assert methods == expected, table["name"]
-        assert {s for (t, _, s) in runs if t == task} == {str(s) for s in table["seeds"]}
-    assert {t for t, _, _ in runs} == {"gen_mask.run_synthetic", "gen_mask.run_colored_mnist", "gen_mask.run_cifar",
-                                       "sem_cs", "sem_cf", "sem_ac", "sem_hb"}
+        fewer = table.get("seeds_for", {}).get("method", {})
+        for method in methods:
+            seeds = {s for (t, m, s) in runs if t == task and m == method}
+            assert seeds == {str(s) for s in fewer.get(method, table["seeds"])}, (table["name"], method)
+    assert {t for t, _, _ in runs} == {"gen_mask.run_synthetic", "gen_mask.run_colored_mnist:color",
+                                       "gen_mask.run_colored_mnist:example", "sem_cs", "sem_cf", "sem_ac", "sem_hb"}
+    assert ("gen_mask.run_colored_mnist:color", "lookahead", "0") in runs  # one seed, as [seeds_for] says
 
 
 def test_a_plugin_combiner_shows_up_in_the_leaderboard(tmp_path):
@@ -112,3 +125,11 @@ def test_bad_methods_and_both_budget_and_tasks_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit:
             main([*argv, "--out", str(tmp_path / "lb")])
         assert exit.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_methods_that_leave_out_a_method_with_fewer_seeds(tmp_path):
+    """--methods without lookahead drops its [seeds_for] entry with its runs, instead of failing."""
+    done = leaderboard(tmp_path, "--budget", "quick", "--methods", "mean,soft_and", "--launcher", "dry",
+                       "--out", str(tmp_path / "lb"))
+    assert done.returncode == 0, done.stderr
+    assert "lookahead" not in done.stdout and "--method soft_and" in done.stdout

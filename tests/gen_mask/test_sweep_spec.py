@@ -181,6 +181,10 @@ def test_run_round_trips_through_json():
     ('seeds = [0]\nmodule = "m"\nname = ""', "one-line text"),
     ('seeds = [0]\n[[task]]\nmodule = "m"\n[[task]]\nmodule = "n"\nname = "x"\n', None),
     ('module = "m"\nseeds = [0]\n[flags\n', "not valid TOML"),
+    ('module = "m"\nseeds = [0, 1]\ngrid = { m = ["a"] }\n[seeds_for.lr]\na = [0]', "a flag that [grid] varies"),
+    ('module = "m"\nseeds = [0, 1]\ngrid = { m = ["a"] }\n[seeds_for.m]\nb = [0]', "b is not one of grid.m"),
+    ('module = "m"\nseeds = [0, 1]\ngrid = { m = ["a"] }\n[seeds_for.m]\na = [2]', "not a subset of the task"),
+    ('module = "m"\nseeds = [0, 1]\ngrid = { m = ["a"] }\n[seeds_for.m]\na = []', "seeds must be a count"),
 ])
 def test_bad_sweep_files_give_one_line(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -202,3 +206,21 @@ def test_two_tasks_holding_the_same_run_are_refused():
 def test_missing_sweep_file(tmp_path):
     with pytest.raises(RunError, match="cannot read the sweep file"):
         load_spec(tmp_path / "absent.toml")
+
+
+def test_seeds_for_gives_some_grid_values_fewer_seeds(tmp_path):
+    tasks = load(tmp_path, """
+        module = "m"
+        seeds = [0, 1, 2]
+        [grid]
+        method = ["mean", "lookahead"]
+        width = [1, 2]
+        [seeds_for.method]
+        lookahead = [1]
+        [seeds_for.width]
+        2 = 2
+    """)
+    runs = {(r.grid["method"], r.grid["width"], r.seed) for r in expand(tasks)}
+    assert runs == {("mean", 1, 0), ("mean", 1, 1), ("mean", 1, 2), ("mean", 2, 0), ("mean", 2, 1),
+                    ("lookahead", 1, 1), ("lookahead", 2, 1)}  # a run takes the seeds every entry allows
+    assert tasks[0].to_json()["seeds_for"] == {"method": {"lookahead": [1]}, "width": {2: [0, 1]}}

@@ -41,6 +41,9 @@ def box_simplex_lp(c: torch.Tensor, total: float = 1.0, bound: float = 2.0) -> t
     return torch.empty_like(c).scatter_(-1, order, x_sorted)
 
 
+NNLS_ITERATIONS_PER_WEIGHT = 100
+
+
 def _gram_to_numpy(gram: torch.Tensor) -> tuple[np.ndarray, float]:
     """float64 copy of a Gram matrix scaled to unit mean diagonal, and the scale."""
     q = gram.detach().to("cpu", torch.float64).numpy()
@@ -57,7 +60,9 @@ def _min_norm_from_gram(q: np.ndarray) -> np.ndarray:
     a = np.vstack([r, np.ones((1, n))])
     b = np.zeros(n + 1)
     b[-1] = 1.0
-    u, _ = nnls(a, b)
+    # scipy's default of 3n active-set iterations can run out when gradients vanish or coincide
+    # (per-example gradients of fitted examples): the active set then takes many more swaps.
+    u, _ = nnls(a, b, maxiter=NNLS_ITERATIONS_PER_WEIGHT * (n + 1))
     return u / u.sum()
 
 

@@ -7,7 +7,9 @@ never retrained. For every ordered pair (e, e′) of training environments, path
 trained weights θ* and climb |L_e′(θ) − L_e(θ*)| while every evaluated point keeps
 |L_e(θ) − L_e(θ*)| ≤ ε, consecutive points at most --step_length apart
 (`and_mask.core.consistency`). The result is a lower bound on I^ε(θ*) up to the path's
-discretisation: the segments between evaluated points are not checked.
+discretisation: the segments between evaluated points are not checked. With --radius ρ the
+paths stay in the ball B_ρ(θ*) and the result bounds I^ε_ρ(θ*) ≤ I^ε(θ*), which unlike I^ε is
+finite on a ReLU network, so the bound stops growing with the budget.
 
 Writes OUT/consistency.json (the bound, every pair's value and the length of the path that
 reached it, the search settings, the maximising pair's path) and OUT/consistency.png (the pairs'
@@ -50,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 def plot(args, estimate) -> list[Path]:
     e, other = estimate.pair
     settings = estimate.settings
-    fig, axes = figure(1, 2, f"{Path(args.run).name}: inconsistency $I^ε$ ≥ {estimate.lower_bound:.4g} "
+    symbol, ball = ("$I^ε$", "") if settings.radius is None else \
+        ("$I^ε_ρ$", f", in the ball ρ = {settings.radius} ({settings.metric} metric)")
+    fig, axes = figure(1, 2, f"{Path(args.run).name}: inconsistency {symbol} ≥ {estimate.lower_bound:.4g} "
                              f"(ε = {estimate.eps}), a lower bound up to the path's discretisation\n"
                              f"paths of ≤ {settings.steps} steps of length ≤ {settings.step_length}, "
-                             f"{settings.restarts} per pair; ‖θ*‖ = {estimate.weights_norm:.3g}")
+                             f"{settings.restarts} per pair{ball}; ‖θ*‖ = {estimate.weights_norm:.3g}")
     ax = axes[0, 0]
     values = estimate.values.numpy()
     image = ax.imshow(values, cmap="viridis", origin="upper")
@@ -93,7 +97,9 @@ def main(argv=None) -> list:
     length, loss_e, loss_other = ([None if np.isnan(v) else v for v in t.tolist()] for t in estimate.traces[(e, other)])
     record["best_path"] = {"length": length, "loss_env": loss_e, "loss_other_env": loss_other}
     path = figures.save_json(record, "consistency")
-    print(f"I^eps >= {estimate.lower_bound:.6g} for eps = {args.eps} (pair env {e + 1} -> env {other + 1}): "
+    bounded = "I^eps" if settings.radius is None else \
+        f"I^eps_rho (rho = {settings.radius}, {settings.metric} metric; I^eps_rho <= I^eps)"
+    print(f"{bounded} >= {estimate.lower_bound:.6g} for eps = {args.eps} (pair env {e + 1} -> env {other + 1}): "
           f"{LOWER_BOUND_NOTE}")
     written = [path] + plot(args, estimate)
     figures.finish()

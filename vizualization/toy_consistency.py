@@ -5,13 +5,19 @@ Definitions (Parascandolo et al., ICLR 2021, Section 2), for a point θ* and ε 
 - N^ε_{e,θ*}: the largest path-connected set containing θ* on which |L_e(θ) − L_e(θ*)| ≤ ε;
 - I^ε(θ*) = max over ordered pairs (e, e′) ∈ E² of max_{θ ∈ N^ε_{e,θ*}} |L_e′(θ) − L_e(θ*)|.
   The pairs e = e′ are included, as in the paper; they contribute at most ε;
-- ILC(A) = −E_θ0[I^ε(A_∞(θ0))] for the algorithm A started from θ0.
+- ILC(A) = −E_θ0[I^ε(A_∞(θ0))] for the algorithm A started from θ0;
+- restricted to a disc of radius ρ > 0 (the toy's parameter is one 2-vector, so the ball of
+  `and_mask.core.consistency` under its euclidean metric): N^ε_{e,θ*,ρ} is the path-connected
+  component containing θ* of {θ : ‖θ − θ*‖ ≤ ρ, |L_e(θ) − L_e(θ*)| ≤ ε}, and I^ε_ρ(θ*) the same
+  maximum as I^ε over those sets. I^ε_ρ ≤ I^ε, and I^ε_ρ = I^ε once the disc holds every N^ε_{e,θ*}.
 
 On the grid. The evaluation grid has n × n nodes spaced evenly over the landscape's domain
 [low, high]², edges included, so N^ε is the part of the ε-region inside the domain: a valley
 that leaves the domain counts only up to its edge. Two nodes are adjacent when they differ by
 one grid step in x or in y (4-connectivity); N^ε_{e,θ*} is the connected set of nodes with
-|L_e − L_e(θ*)| ≤ ε reached by flood fill from θ*, plus θ* itself.
+|L_e − L_e(θ*)| ≤ ε reached by flood fill from θ*, plus θ* itself. With a radius ρ the flood fill
+runs on the nodes within distance ρ of θ* only, so N^ε_{e,θ*,ρ} is the connected set of those
+feasible in-disc nodes reached from θ*, plus θ*.
 
 A point θ* between the nodes (every minimum found numerically is one) keeps its exact losses
 L_e(θ*) as the reference; the flood fill starts from those corners of the grid cell holding θ*
@@ -82,21 +88,30 @@ class Inconsistency:
         return tuple(self.pair_points[self.pair].tolist())
 
 
-def eps_region(grid: EvaluationGrid, env: int, reference: float, eps: float, point) -> np.ndarray:
-    """(n, n) bool: the nodes of N^ε_{env,θ*}, flood-filled from the feasible corners of θ*'s cell."""
+def eps_region(grid: EvaluationGrid, env: int, reference: float, eps: float, point,
+               radius: float | None = None) -> np.ndarray:
+    """(n, n) bool: the nodes of N^ε_{env,θ*} (N^ε_{env,θ*,ρ}, ρ = `radius`: only nodes with ‖θ − θ*‖ ≤ ρ),
+    flood-filled from the feasible corners of θ*'s cell."""
     inside = np.abs(grid.losses[..., env] - reference) <= eps
+    if radius is not None:
+        if not 0 < radius < np.inf:
+            raise ValueError(f"radius must be a positive finite number or None, got {radius}")
+        gy, gx = np.meshgrid(grid.xs, grid.xs, indexing="ij")
+        inside &= np.hypot(gx - point[0], gy - point[1]) <= radius
     labels, _ = ndimage.label(inside, structure=FOUR_NEIGHBOURS)
     seeds = {labels[corner] for corner in grid.cell_corners(point)} - {0}
     return np.isin(labels, list(seeds)) if seeds else np.zeros_like(inside)
 
 
-def inconsistency(landscape: Landscape, grid: EvaluationGrid, point, eps: float) -> Inconsistency:
-    """I^ε(θ*) at θ* = `point` (x, y), by flood fill of each environment's ε-region on `grid`."""
+def inconsistency(landscape: Landscape, grid: EvaluationGrid, point, eps: float,
+                  radius: float | None = None) -> Inconsistency:
+    """I^ε(θ*) at θ* = `point` (x, y), by flood fill of each environment's ε-region on `grid`;
+    I^ε_ρ(θ*) with ρ = `radius` (the region cut to the disc ‖θ − θ*‖ ≤ ρ)."""
     at_point = env_losses(landscape, torch.tensor([point], dtype=DTYPE))[0].numpy()
     n_envs = at_point.shape[0]
     pair_values = np.zeros((n_envs, n_envs))
     argmax = np.zeros((n_envs, n_envs, 2))
-    regions = np.stack([eps_region(grid, e, at_point[e], eps, point) for e in range(n_envs)])
+    regions = np.stack([eps_region(grid, e, at_point[e], eps, point, radius) for e in range(n_envs)])
     gy, gx = np.meshgrid(grid.xs, grid.xs, indexing="ij")
     for e in range(n_envs):
         # Candidates: the region's nodes and θ* itself.

@@ -7,6 +7,19 @@ N^ε_{e,θ*} is the largest path-connected set containing θ* on which |L_e(θ) 
 
 (pairs e = e′ included, as in the paper; they contribute at most ε). ILC = −E[I^ε].
 
+On a trained ReLU network the ε-region is unbounded (paths reach weights of any size, where L_e′
+can grow without limit), and a lower bound on I^ε keeps growing with the search budget. Restricted
+to a ball the quantity is determined. For a radius ρ > 0,
+
+    B_ρ(θ*) = {θ : ‖θ_t − θ*_t‖ ≤ ρ·‖θ*_t‖ for every parameter tensor t}  (the "relative" metric),
+    B_ρ(θ*) = {θ : ‖θ − θ*‖ ≤ ρ}                                           (the "euclidean" metric),
+
+N^ε_{e,θ*,ρ} is the path-connected component containing θ* of {θ ∈ B_ρ(θ*) : |L_e(θ) − L_e(θ*)| ≤ ε}, and
+
+    I^ε_ρ(θ*) = max over ordered pairs (e, e′) of max_{θ ∈ N^ε_{e,θ*,ρ}} |L_e′(θ) − L_e(θ*)|,
+
+a maximum over a compact set, hence finite; I^ε_ρ ≤ I^ε, and I^ε_ρ → I^ε as ρ → ∞.
+
 The estimate. For every ordered pair (e, e′) and every restart, a path θ_0 = θ*, θ_1, ... is
 grown by proposals of length at most `step_length`, in one of two metrics (`metric`):
 "euclidean", the L2 norm over all trainable parameters, or "relative" (the default), in which
@@ -27,7 +40,12 @@ is Euclidean and gradients are taken with respect to u:
 - a proposal is accepted only if |L_e(θ) − c| ≤ ε there, both losses are finite, and (past the
   random start) L_e′ did not decrease; otherwise h is halved and the path tries again from where
   it is (after an accepted step h doubles again, up to `step_length`). A path stops after
-  `steps` proposals, or when h falls below step_length / 1024.
+  `steps` proposals, or when h falls below step_length / 1024;
+- with a radius ρ (`radius`), each proposal is first projected onto B_ρ(θ*): in u the ball is a
+  product of Euclidean balls of radius ρ, one per tensor (relative metric), or one ball of
+  radius ρ (euclidean), and a displacement u − u* longer than ρ is scaled back to length ρ. A
+  path that reaches the surface slides along it. The projection onto a convex set holding the
+  current point never lengthens the step, whose length is measured after it.
 
 The value of a pair is the largest |L_e′(θ) − c| over the accepted points of its paths, θ*
 included. Every accepted point satisfies the constraint and consecutive accepted points are at
@@ -35,6 +53,8 @@ most `step_length` apart, so the accepted points trace a path inside N^ε_{e,θ*
 discretisation (the segments between accepted points are not checked): the value is a lower
 bound on max_{θ ∈ N^ε_{e,θ*}} |L_e′(θ) − c|, and the largest value over pairs a lower bound on
 I^ε(θ*), up to that discretisation. A small budget gives a weak bound, never an overestimate.
+With a radius every accepted point also lies in B_ρ(θ*) (the ball is convex, so the segments
+do too): the value is a lower bound on I^ε_ρ(θ*), in the same sense.
 
 Losses are those of the model in eval mode on the first `examples_per_env` examples of each
 training environment's dataset, in the dataset's order (all of them when 0), as one batch,
@@ -75,10 +95,12 @@ class SearchSettings:
     restarts: int = 2  # paths per ordered pair: the plain ascent, then restarts with a random start
     examples_per_env: int = 256  # the fixed subset of each environment; 0: all of it
     seed: int = 0  # seeds the random directions of the restarts
+    radius: float | None = None  # ρ: paths stay in the ball B_ρ(θ*), in the metric's sense; None: no ball
 
 
 def add_search_flags(parser: argparse.ArgumentParser, prefix: str = ""):
-    """--{prefix}steps, --{prefix}step_length, --{prefix}metric, --{prefix}restarts, --{prefix}examples_per_env."""
+    """--{prefix}steps, --{prefix}step_length, --{prefix}metric, --{prefix}restarts, --{prefix}examples_per_env,
+    --{prefix}radius."""
     defaults = SearchSettings()
     parser.add_argument(f"--{prefix}steps", type=positive_int, default=defaults.steps,
                         help="Proposals per path of the constrained ascent (the step budget of each path).")
@@ -95,12 +117,17 @@ def add_search_flags(parser: argparse.ArgumentParser, prefix: str = ""):
     parser.add_argument(f"--{prefix}examples_per_env", type=non_negative_int, default=defaults.examples_per_env,
                         help="Examples of each training environment (the first ones, in the dataset's order) "
                              "whose mean loss is L_e; 0: all of them.")
+    parser.add_argument(f"--{prefix}radius", type=positive_float, default=defaults.radius,
+                        help="ρ: bound I^ε_ρ instead, the maximum over the part of the ε-region connected to θ* "
+                             "within the ball B_ρ(θ*): every parameter tensor within ρ times its norm at θ* "
+                             "(relative metric), or ‖θ − θ*‖ ≤ ρ (euclidean). Unlike I^ε it is finite: a maximum "
+                             "over a compact set. Without it: no ball.")
 
 
 def settings_from_args(args, prefix: str = "", seed: int = 0) -> SearchSettings:
     return SearchSettings(getattr(args, f"{prefix}steps"), getattr(args, f"{prefix}step_length"),
                           getattr(args, f"{prefix}metric"), getattr(args, f"{prefix}restarts"),
-                          getattr(args, f"{prefix}examples_per_env"), seed)
+                          getattr(args, f"{prefix}examples_per_env"), seed, getattr(args, f"{prefix}radius"))
 
 
 def check_env_loaders(env_loaders):
@@ -148,7 +175,7 @@ class ConsistencyEstimate:
     eps: float
     settings: SearchSettings
     reference_losses: list  # L_e(θ*) per environment
-    values: torch.Tensor  # (E, E): lower bound on max_{N^ε_{e,θ*}} |L_e′ − L_e(θ*)|, rows e
+    values: torch.Tensor  # (E, E): lower bound on max_{N^ε_{e,θ*}} |L_e′ − L_e(θ*)| (N^ε_{e,θ*,ρ}: ρ set), rows e
     path_lengths: torch.Tensor  # (E, E): length of the path up to the point that gives the value
     best_restarts: torch.Tensor  # (E, E): the restart that gives it
     seconds: float  # time the search took
@@ -214,6 +241,22 @@ def _flat(theta: dict) -> torch.Tensor:
     return torch.cat([p.reshape(p.shape[0], -1) for p in theta.values()], dim=1)
 
 
+def _into_ball(theta: dict, star: dict, units: dict, radius: float, per_tensor: bool) -> dict:
+    """The nearest point of B_ρ(θ*) in u = θ / units: θ* + d·min(1, ρ·unit / ‖d‖), d = θ − θ*, per tensor
+    (relative metric, unit = ‖θ*_t‖) or over all of them (euclidean, unit = 1). Points inside are returned
+    as they are (bit for bit)."""
+    groups = [[n] for n in theta] if per_tensor else [list(theta)]
+    projected = {}
+    for names in groups:
+        shift = {n: theta[n] - star[n] for n in names}
+        norm, limit = _dot(shift, shift).sqrt(), radius * units[names[0]]
+        outside = norm > limit  # never for a tensor that is zero at θ*: it does not move
+        factor = torch.where(outside, limit / norm.clamp_min(1e-30), 1.0)
+        projected.update(_where(outside, _axpy(factor, shift, {n: star[n] for n in names}),
+                                {n: theta[n] for n in names}))
+    return projected
+
+
 def _search(grad_loss, theta: dict, units: dict, buffers, data, envs, others, eps, settings, random_dirs, explore,
             keep_points=False):
     """Grow one batch of paths from θ* = `theta` (see the module docstring).
@@ -222,7 +265,8 @@ def _search(grad_loss, theta: dict, units: dict, buffers, data, envs, others, ep
     `envs`, `others`: (P,) the pair (e, e′) of each path; `random_dirs`: unit directions (in u)
     followed for the first `explore` (P,) proposals. Returns the reference c = L_e(θ*), the
     best |L_e′ − c| of each path, the path length up to it, and the trace [(length, L_e, L_e′)
-    after each proposal; NaN where rejected].
+    after each proposal; NaN where rejected]. With `settings.radius` the proposals are projected
+    onto B_ρ(θ*).
     """
     inputs, targets = data
     x_e, y_e, x_o, y_o = inputs[envs], targets[envs], inputs[others], targets[others]
@@ -233,6 +277,7 @@ def _search(grad_loss, theta: dict, units: dict, buffers, data, envs, others, ep
         return (l_e.detach(), {n: g.detach() * units[n] for n, g in g_e.items()}, l_o.detach(),
                 {n: g.detach() * units[n] for n, g in g_o.items()})  # gradients with respect to u
 
+    star = theta
     loss_e, grad_e, loss_o, grad_o = evaluate(theta)
     reference = loss_e.clone()
     best = (loss_o - reference).abs()
@@ -259,6 +304,11 @@ def _search(grad_loss, theta: dict, units: dict, buffers, data, envs, others, ep
         move = _scale(torch.where(norm > step, step / norm.clamp_min(1e-30), 1.0), move)
         norm = torch.minimum(norm, step)
         proposal = _axpy(alive.to(step.dtype), {n: m * units[n] for n, m in move.items()}, theta)
+        if settings.radius is not None:
+            proposal = _into_ball(proposal, star, units, settings.radius, settings.metric == "relative")
+            # The step actually taken, in u (a tensor that is zero at θ* has unit 0 and does not move).
+            taken = {n: (proposal[n] - theta[n]) / units[n].clamp_min(1e-30) for n in theta}
+            norm = _dot(taken, taken).sqrt()
         new_e, new_grad_e, new_o, new_grad_o = evaluate(proposal)
         feasible = ((new_e - reference).abs() <= eps) & torch.isfinite(new_e) & torch.isfinite(new_o)
         # Past its random start a path only climbs: a step that loses ground overshot, and is halved.
@@ -283,14 +333,17 @@ def _search(grad_loss, theta: dict, units: dict, buffers, data, envs, others, ep
 def estimate_inconsistency(model: nn.Module, data: list, loss_fn, eps: float,
                            settings: SearchSettings = SearchSettings(), keep_points: bool = False
                            ) -> ConsistencyEstimate:
-    """Lower bound on I^ε at the model's current weights θ*, whose environments' data are `data`
-    [(inputs, targets) per environment, all of the same size]. The model is left unchanged.
+    """Lower bound on I^ε at the model's current weights θ* (on I^ε_ρ with `settings.radius` = ρ), whose
+    environments' data are `data` [(inputs, targets) per environment, all of the same size]. The model is
+    left unchanged.
     With `keep_points` each trace also holds the path's parameters (trainable ones, flattened in
     the order of `named_parameters`), for checking."""
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if settings.metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {settings.metric!r}")
+    if settings.radius is not None and not 0 < settings.radius < float("inf"):
+        raise ValueError(f"radius must be a positive finite number or None, got {settings.radius}")
     sizes = {len(y) for _, y in data}
     if len(sizes) != 1:
         raise RunError(f"every environment needs the same number of examples for the consistency estimate, got "

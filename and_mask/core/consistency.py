@@ -121,7 +121,7 @@ def add_search_flags(parser: argparse.ArgumentParser, prefix: str = ""):
                         help="ρ: bound I^ε_ρ instead, the maximum over the part of the ε-region connected to θ* "
                              "within the ball B_ρ(θ*): every parameter tensor within ρ times its norm at θ* "
                              "(relative metric), or ‖θ − θ*‖ ≤ ρ (euclidean). Unlike I^ε it is finite: a maximum "
-                             "over a compact set. Without it: no ball.")
+                             "over a compact set. Default: none, no ball (I^ε itself).")
 
 
 def settings_from_args(args, prefix: str = "", seed: int = 0) -> SearchSettings:

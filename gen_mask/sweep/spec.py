@@ -258,14 +258,15 @@ def _seeds_for(where, table, grid: dict, seeds: list) -> dict:
     for flag, values in table.items():
         if flag not in grid or not isinstance(values, dict):
             _fail(where, f"seeds_for.{flag} must be a table of values of a flag that [grid] varies")
-        for value, value_seeds in values.items():
-            if value not in map(str, grid[flag]):
-                _fail(where, f"seeds_for.{flag}.{value}: {value} is not one of grid.{flag}")
-            value_seeds = _seeds(f"{where}: seeds_for.{flag}.{value}", value_seeds)
+        checked[flag] = {}
+        for key, raw_seeds in values.items():  # TOML keys are strings: match them to the grid's values
+            value = next((v for v in grid[flag] if str(v) == key), None)
+            if value is None:
+                _fail(where, f"seeds_for.{flag}.{key}: {key} is not one of grid.{flag}")
+            value_seeds = _seeds(f"{where}: seeds_for.{flag}.{key}", raw_seeds)
             if not set(value_seeds) <= set(seeds):
-                _fail(where, f"seeds_for.{flag}.{value} = {value_seeds} is not a subset of the task's seeds {seeds}")
-        checked[flag] = {next(v for v in grid[flag] if str(v) == value): _seeds(where, value_seeds)
-                         for value, value_seeds in values.items()}
+                _fail(where, f"seeds_for.{flag}.{key} = {value_seeds} is not a subset of the task's seeds {seeds}")
+            checked[flag][value] = value_seeds
     return checked
 
 
